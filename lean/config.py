@@ -1,0 +1,126 @@
+"""Configuration of the camera branch: one small dataclass, presets per backbone.
+
+Every shape in the pipeline follows from these numbers (depth bins, feature size, BEV grid), so
+a rig with another camera count or image size is a config change, not a code change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from lean.errors import LeanError
+
+BACKBONES = ("resnet50", "swint")
+# Channels of the backbone outputs the neck reads (indices 1, 2, 3).
+BACKBONE_CHANNELS = {"resnet50": (512, 1024, 2048), "swint": (192, 384, 768)}
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    backbone: str = "resnet50"
+    image_size: tuple[int, int] = (256, 704)  # H, W of the network input
+    cameras: int = 6
+    feature_stride: int = 8  # image / feature size, fixed by the neck's output level
+    dbound: tuple[float, float, float] = (1.0, 60.0, 0.5)
+    xbound: tuple[float, float, float] = (-54.0, 54.0, 0.3)
+    ybound: tuple[float, float, float] = (-54.0, 54.0, 0.3)
+    zbound: tuple[float, float, float] = (-10.0, 10.0, 20.0)
+    neck_channels: int = 256
+    bev_channels: int = 80  # C
+    downsample: int = 2
+
+    def __post_init__(self):
+        self.validate()
+
+    # -- derived shapes -------------------------------------------------------------------
+    @property
+    def depth_bins(self) -> int:  # D
+        lo, hi, step = self.dbound
+        return len(_arange(lo, hi, step))
+
+    @property
+    def feature_size(self) -> tuple[int, int]:
+        h, w = self.image_size
+        return h // self.feature_stride, w // self.feature_stride
+
+    @property
+    def bev_grid(self) -> tuple[int, int, int]:  # nx: X, Y, Z voxels
+        return tuple(round((b[1] - b[0]) / b[2]) for b in (self.xbound, self.ybound, self.zbound))
+
+    @property
+    def bev_out_size(self) -> tuple[int, int]:
+        x, y, _ = self.bev_grid
+        return x // self.downsample, y // self.downsample
+
+    @property
+    def backbone_channels(self) -> tuple[int, int, int]:
+        return BACKBONE_CHANNELS[self.backbone]
+
+    def validate(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise LeanError(f"unknown backbone {self.backbone!r}: choose one of {', '.join(BACKBONES)}")
+        h, w = self.image_size
+        # The depth branch (strides 4 and 2) and the neck's output level must land on the same
+        # fH x fW grid as the frustum, which holds only when the stride divides the image.
+        s = self.feature_stride
+        if h <= 0 or w <= 0 or h % s or w % s:
+            raise LeanError(
+                f"image size {h}x{w} is not supported: height and width must be positive multiples "
+                f"of {s} (for example 256x704 or 384x1056)"
+            )
+        if self.cameras < 1:
+            raise LeanError(f"--cameras must be at least 1, got {self.cameras}")
+        for name in ("dbound", "xbound", "ybound", "zbound"):
+            lo, hi, step = getattr(self, name)
+            if step <= 0 or hi <= lo:
+                raise LeanError(f"{name} {lo},{hi},{step} is empty: need lower < upper and step > 0")
+        x, y, _ = self.bev_grid
+        if x % self.downsample or y % self.downsample:
+            raise LeanError(f"BEV grid {x}x{y} is not divisible by downsample {self.downsample}")
+
+    def replace(self, **changes) -> "CameraConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CameraConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LeanError(f"checkpoint config has unknown fields {unknown}: it was written by a newer version")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _arange(lo: float, hi: float, step: float) -> list[float]:
+    # Same count as torch.arange(lo, hi, step) without importing torch here.
+    import math
+
+    return [lo + i * step for i in range(math.ceil((hi - lo) / step))]
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+PRESETS = {
+    "resnet50": CameraConfig(backbone="resnet50"),
+    "swint": CameraConfig(backbone="swint"),
+}
+
+
+def preset(name: str, **overrides) -> CameraConfig:
+    if name not in PRESETS:
+        raise LeanError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """'256x704' -> (256, 704), with a one-line error for anything else."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise LeanError(f"image size {text!r} is not HxW, for example 256x704") from None
+    return h, w

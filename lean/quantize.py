@@ -1,0 +1,231 @@
+"""INT8 post-training quantization of the camera branch with NVIDIA ModelOpt.
+
+The placement follows CUDA-BEVFusion's recipe, so TensorRT can run the whole branch in INT8:
+- BN folded into convs first (TensorRT folds them anyway; the scales must see folded weights);
+- every conv of backbone, neck, dtransform and depthnet: per-channel weights (axis 0), per-tensor
+  activations, symmetric, range [-128, 127] (ONNX QuantizeLinear has no narrow range);
+- residual add: only the identity branch is quantized, so TensorRT fuses conv3 + add;
+- neck concats: one quantizer for all inputs, shared with the next backbone conv that reads the
+  same tensor, so the tensor carries one scale everywhere;
+- the vtransform ``downsample`` stays float (FP16 in the engine) unless asked.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from lean.errors import LeanError
+
+CALIBRATION_METHODS = ("mse", "entropy", "percentile", "max")
+PERCENTILE = 99.99
+
+
+def fold_bn(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm2d into the Conv2d registered right before it (in place).
+
+    All our modules register a BN directly after the conv it normalizes, and apply it there.
+    """
+    for parent in list(model.modules()):
+        children = list(parent.named_children())
+        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                _fold_into(conv, bn)
+                setattr(parent, bn_name, nn.Identity())
+    leftover = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    if leftover:
+        raise RuntimeError(f"BN without a preceding conv cannot be folded: {leftover[:3]}")
+    return model
+
+
+@torch.no_grad()
+def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+    conv.bias = nn.Parameter(bn.bias + (bias - bn.running_mean) * scale)
+
+
+def quant_config(method: str = "mse", quantize_downsample: bool = False) -> dict:
+    """ModelOpt config: INT8 weights per channel, activations per tensor, [-128, 127]."""
+    if method not in CALIBRATION_METHODS:
+        raise LeanError(f"unknown calibration method {method!r}: choose one of {', '.join(CALIBRATION_METHODS)}")
+    act = {"num_bits": 8, "axis": None, "narrow_range": False}
+    if method != "max":
+        act["calibrator"] = "histogram"
+    entries = [
+        {"quantizer_name": "*", "enable": False},
+        {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": 0, "narrow_range": False}},
+        {"quantizer_name": "*input_quantizer", "cfg": act},
+        # Only convs (and linears) carry Q/DQ; TensorRT moves scales across pooling by itself.
+        {"quantizer_name": "*", "parent_class": "nn.MaxPool2d", "enable": False},
+    ]
+    if not quantize_downsample:
+        entries.append({"quantizer_name": "vtransform.downsample.*", "enable": False})
+    return {"quant_cfg": entries, "algorithm": None}
+
+
+def _new_quantizer(act_cfg: dict) -> nn.Module:
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return TensorQuantizer(QuantizerAttributeConfig(**act_cfg))
+
+
+def insert_quantizers(model: nn.Module, method: str = "mse", quantize_downsample: bool = False) -> nn.Module:
+    """Swap convs for ModelOpt quant convs and add the residual and concat quantizers.
+
+    Expects a BN-folded model; returns the same model object, quantizers not yet calibrated.
+    """
+    import modelopt.torch.quantization as mtq
+
+    cfg = quant_config(method, quantize_downsample)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = mtq.quantize(model, cfg)
+    act_cfg = cfg["quant_cfg"][2]["cfg"]
+    _place_residual_quantizers(model.backbone, act_cfg)
+    _place_concat_quantizers(model, act_cfg)
+    return model
+
+
+def _place_residual_quantizers(backbone: nn.Module, act_cfg: dict) -> None:
+    for block in backbone.modules():
+        if not hasattr(block, "residual_quantizer"):
+            continue
+        if block.downsample is None:
+            # The identity is the block input, which conv1 already quantizes: one quantizer, one scale.
+            block.residual_quantizer = block.conv1.input_quantizer
+        else:
+            block.downsample[0].input_quantizer = block.conv1.input_quantizer
+            block.residual_quantizer = _new_quantizer(act_cfg)
+
+
+def _place_concat_quantizers(model: nn.Module, act_cfg: dict) -> None:
+    neck, backbone = model.neck, model.backbone
+    consumers = backbone.level_consumers() if hasattr(backbone, "level_consumers") else []
+    for i, lateral in enumerate(neck.lateral_convs):
+        consumer = consumers[i] if i < len(consumers) else None
+        shared = getattr(consumer, "input_quantizer", None) if consumer is not None else None
+        quantizer = shared if shared is not None and not shared._disabled else _new_quantizer(act_cfg)
+        setattr(neck, f"quant_concat{i}", quantizer)
+        # The lateral conv reads the concat; quantizing again with the same scale is exact and
+        # lets TensorRT keep the concat in INT8 without a scale change.
+        lateral.conv.input_quantizer = quantizer
+
+
+def quantizers(model: nn.Module) -> dict[str, nn.Module]:
+    """Enabled quantizers by first name (shared ones appear once)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer) and not m._disabled}
+
+
+def quantizer_names(model: nn.Module) -> dict[str, list[str]]:
+    """Every name under which each enabled quantizer is reachable, keyed by its first name."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    first: dict[int, str] = {}
+    names: dict[str, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, TensorQuantizer) and not m._disabled:
+            key = first.setdefault(id(m), n)
+            names.setdefault(key, []).append(n)
+    return names
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable, method: str = "mse", progress=None) -> int:
+    """Collect statistics over ``batches`` of (img, depth) and load every quantizer's amax."""
+    qs = list(quantizers(model).values())
+    for q in qs:
+        q.disable_quant()
+        q.enable_calib()
+    seen = 0
+    for img, depth in batches:
+        model(img, depth)
+        seen += 1
+        if progress is not None:
+            progress(seen)
+    if seen == 0:
+        raise LeanError("calibration got no data: pass a folder with at least one sample")
+    for q in qs:
+        kind = type(q._calibrator).__name__
+        if kind == "HistogramCalibrator" and method == "mse":
+            q.amax = mse_amax(q._calibrator._calib_hist, q._calibrator._calib_bin_edges)
+        elif kind == "HistogramCalibrator":
+            kwargs = {"percentile": PERCENTILE} if method == "percentile" else {}
+            q.load_calib_amax(method=method, **kwargs)
+        else:
+            q.load_calib_amax()
+        q.enable_quant()
+        q.disable_calib()
+    return seen
+
+
+def mse_amax(hist, edges, start_bin: int = 128, chunk: int = 256) -> torch.Tensor:
+    """amax minimizing the histogram-weighted MSE of INT8 [-128, 127] fake quantization.
+
+    The search is pytorch-quantization's (every bin centre from ``start_bin`` on is a candidate).
+    ModelOpt 0.47's own ``compute_amax("mse")`` passes ``num_bits`` into the ``bias`` slot of its
+    fake-quant call and returns a wrong amax, and it loops in Python over ~2000 candidates, so
+    the search is done here, vectorized, on the histogram ModelOpt collected.
+    """
+    if hist is None or edges is None:
+        raise LeanError("a quantizer saw no data during calibration: the calibration data never reached it")
+    counts = torch.as_tensor(hist, dtype=torch.float64).flatten()
+    edges = torch.as_tensor(edges, dtype=torch.float64).flatten()
+    centers = (edges[1:] + edges[:-1]) / 2
+    candidates = centers[min(start_bin, len(centers) - 1) :]
+    best_err, best = None, None
+    for part in candidates.split(chunk):
+        scale = 127.0 / part[:, None]
+        fq = torch.clamp(torch.round(centers[None] * scale), -128, 127) / scale
+        err = ((fq - centers[None]) ** 2 * counts[None]).sum(1)
+        i = int(err.argmin())
+        if best_err is None or err[i] < best_err:
+            best_err, best = err[i], part[i]
+    return best.float()
+
+
+def load_amax(model: nn.Module, amax: dict[str, torch.Tensor], disabled: Iterable[str] = ()) -> None:
+    """Set every quantizer's amax from a checkpoint; a quantizer without one is an error."""
+    disabled = set(disabled)
+    missing = []
+    for first, names in quantizer_names(model).items():
+        q = model.get_submodule(first)
+        if any(n in disabled for n in names):
+            q.disable()
+            continue
+        value = next((amax[f"{n}._amax"] for n in names if f"{n}._amax" in amax), None)
+        if value is None:
+            missing.append(first)
+            continue
+        q.amax = value.float()
+        q.disable_calib()
+        q.enable_quant()
+    if missing:
+        raise LeanError(
+            f"PTQ checkpoint lacks amax for {len(missing)} quantizers (first: {', '.join(missing[:3])}): "
+            "re-run PTQ (`python -m lean.ptq`) with this version"
+        )
+
+
+def build_quantized(cfg, state_dict: dict[str, torch.Tensor], disabled: Iterable[str] = (), quantize_downsample=None):
+    """Model from a PTQ checkpoint: build float, fold BN, insert quantizers, load amax and weights."""
+    from lean.checkpoint import load_weights
+    from lean.models import build_camera
+
+    amax = {k: v for k, v in state_dict.items() if k.endswith("._amax")}
+    weights = {k: v for k, v in state_dict.items() if not k.endswith("._amax")}
+    if quantize_downsample is None:
+        quantize_downsample = any(k.startswith("vtransform.downsample.") for k in amax)
+    model = fold_bn(build_camera(cfg))
+    model = insert_quantizers(model, "max", quantize_downsample)  # calibrator kind is moot: amax is loaded
+    load_amax(model, amax, disabled)
+    loaded = {k: v for k, v in model.state_dict().items() if k.endswith("._amax")}
+    load_weights(model, {**weights, **loaded}, "PTQ checkpoint")
+    return model.eval()
