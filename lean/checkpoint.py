@@ -9,6 +9,7 @@ Accepted inputs, all read with ``torch.load(weights_only=True)`` (nothing in a f
 
 from __future__ import annotations
 
+import functools
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ class Checkpoint:
     # Quantizers the source disabled (legacy pickles), by our name; exported without Q/DQ.
     disabled_quantizers: tuple[str, ...] = ()
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str | None:
         return sha256(self.path) if self.path else None
 

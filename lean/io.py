@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 from lean.errors import LeanError
@@ -14,16 +14,20 @@ from lean.errors import LeanError
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds.
+
+    The folder is created if missing. The temp file is created with mode "x" rather than
+    mkstemp, whose 0600 mode would survive the rename; "x" honours the umask.
+    """
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        open(tmp, "xb").close()
     except OSError as e:
-        raise LeanError(f"cannot write to {path.parent}: {e.strerror}; choose a writable folder") from None
+        raise LeanError(f"cannot write {path}: {e.strerror}; choose a writable folder") from None
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -49,6 +49,44 @@ def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     conv.bias = nn.Parameter(bn.bias + (bias - bn.running_mean) * scale)
 
 
+NATIVE_BACKEND = "lean-native"
+
+
+def native_fake_quant(inputs: torch.Tensor, quantizer) -> torch.Tensor:
+    """INT8 fake quantization with PyTorch's own ops, registered as a ModelOpt quant backend.
+
+    ModelOpt's default kernel JIT-compiles a CUDA extension on its first GPU call (about a
+    minute) and traces to a custom symbolic; PyTorch's fake-quant ops run on any device at once
+    and trace straight to QuantizeLinear/DequantizeLinear. Scales are taken out as constants so
+    the exported graph holds plain initializers, not arithmetic on amax.
+    """
+    amax = quantizer.amax.detach().float().flatten().cpu()
+    # amax 0 (a channel that is all zero) gets scale 1 as ModelOpt's exporter does.
+    scales = [a / 127.0 if a > 0 else 1.0 for a in amax.tolist()]
+    x = inputs.float()
+    if len(scales) == 1:
+        out = torch.fake_quantize_per_tensor_affine(x, scales[0], 0, -128, 127)
+    else:
+        scale = torch.tensor(scales, dtype=torch.float32, device=x.device)
+        zero = torch.zeros(len(scales), dtype=torch.int32, device=x.device)
+        out = torch.fake_quantize_per_channel_affine(x, scale, zero, quantizer.axis, -128, 127)
+    return out.to(inputs.dtype)
+
+
+def _register_backend() -> None:
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import is_registered_quant_backend, register_quant_backend
+
+    if not is_registered_quant_backend(NATIVE_BACKEND):
+        register_quant_backend(NATIVE_BACKEND, native_fake_quant)
+
+
+def use_native_fake_quant(model: nn.Module, enable: bool = True) -> None:
+    """Route every quantizer through ``native_fake_quant`` (or back to ModelOpt's kernel)."""
+    _register_backend()
+    for q in quantizers(model).values():
+        q.backend = NATIVE_BACKEND if enable else None
+
+
 def quant_config(method: str = "mse", quantize_downsample: bool = False) -> dict:
     """ModelOpt config: INT8 weights per channel, activations per tensor, [-128, 127]."""
     if method not in CALIBRATION_METHODS:
@@ -163,6 +201,7 @@ def calibrate(model: nn.Module, batches: Iterable, method: str = "mse", progress
             q.load_calib_amax()
         q.enable_quant()
         q.disable_calib()
+    use_native_fake_quant(model)
     return seen
 
 
@@ -228,4 +267,5 @@ def build_quantized(cfg, state_dict: dict[str, torch.Tensor], disabled: Iterable
     load_amax(model, amax, disabled)
     loaded = {k: v for k, v in model.state_dict().items() if k.endswith("._amax")}
     load_weights(model, {**weights, **loaded}, "PTQ checkpoint")
+    use_native_fake_quant(model)
     return model.eval()

@@ -1,0 +1,207 @@
+"""The runtime's example-data folder: camera images, per-camera matrices and lidar points.
+
+The layout is CUDA-BEVFusion's (``{i}-NAME.jpg`` plus five ``.tensor`` files), so a folder the
+user already runs the runtime on is read as is, and the synthetic scene is written in it.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from lean.errors import LeanError
+from lean.io import write_bytes
+from lean.tensorfile import read_tensor, write_tensor
+
+CAMERA_NAMES = ("FRONT", "FRONT_RIGHT", "FRONT_LEFT", "BACK", "BACK_LEFT", "BACK_RIGHT")
+MATRIX_FILES = ("camera2lidar", "camera_intrinsics", "lidar2image", "img_aug_matrix")
+POINTS_FILE = "points.tensor"
+DEFAULT_IMAGE_SIZE = (256, 704)
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+# The runtime resizes 1600x900 by 0.48 for a 704-wide input; other widths scale that ratio.
+BASE_RESIZE, BASE_WIDTH = 0.48, 704
+JPEG_QUALITY = 95
+
+
+def image_file_names(n: int) -> list[str]:
+    """File names of ``n`` camera images: nuScenes names for the first six, ``CAMERA_i`` beyond."""
+    return [f"{i}-{CAMERA_NAMES[i] if i < len(CAMERA_NAMES) else f'CAMERA_{i}'}.jpg" for i in range(n)]
+
+
+def image_aug(input_size, image_size=DEFAULT_IMAGE_SIZE) -> tuple[tuple[int, int], tuple[int, int], np.ndarray]:
+    """Resized (w, h), crop (x, y) and the 4x4 img_aug_matrix for a ``input_size`` = (w, h) image.
+
+    Test-time ImageAug3D of BEVFusion: one resize ratio, centred crop in x, bottom crop in y.
+    """
+    h, w = image_size
+    iw, ih = input_size
+    r = BASE_RESIZE * w / BASE_WIDTH
+    rw, rh = round(iw * r), round(ih * r)
+    cx, cy = (rw - w) // 2, rh - h
+    if cx < 0 or cy < 0:
+        raise LeanError(f"a {iw}x{ih} image resized by {r:.4f} is {rw}x{rh}, smaller than the "
+                        f"{w}x{h} network input; use a smaller image size or larger images")
+    aug = np.diag(np.array([r, r, 1, 1], np.float32))
+    aug[:2, 3] = -cx, -cy
+    return (rw, rh), (cx, cy), aug
+
+
+def preprocess_image(img: Image.Image, image_size=DEFAULT_IMAGE_SIZE) -> tuple[torch.Tensor, np.ndarray]:
+    """The runtime's preprocessing of one camera image: [3,H,W] normalized RGB and its 4x4 aug.
+
+    PIL's bilinear resize stands in for the runtime's CUDA kernel. Both agree exactly on smooth
+    content (constant regions, linear ramps away from borders); on sharp edges they may differ
+    by a few grey levels, since PIL widens its filter when shrinking and the kernel does not.
+    """
+    (rw, rh), (cx, cy), aug = image_aug(img.size, image_size)
+    h, w = image_size
+    resized = img.convert("RGB").resize((rw, rh), Image.BILINEAR)
+    pixels = np.asarray(resized, np.float32)[cy:cy + h, cx:cx + w]
+    normalized = (pixels / 255.0 - MEAN) / STD
+    return torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1))), aug
+
+
+@dataclass
+class Sample:
+    """One frame of the example-data folder, preprocessed as the runtime does."""
+
+    img: torch.Tensor  # [1,N,3,H,W] normalized
+    points: torch.Tensor  # [P,5] x, y, z, intensity, ring/time
+    camera2lidar: torch.Tensor  # [1,N,4,4]
+    camera_intrinsics: torch.Tensor  # [1,N,4,4]
+    lidar2image: torch.Tensor  # [1,N,4,4]
+    img_aug_matrix: torch.Tensor  # [1,N,4,4], the one for image_size
+    image_size: tuple[int, int]
+    folder: Path
+
+
+def _read_matrices(folder: Path) -> dict[str, np.ndarray]:
+    matrices = {}
+    for name in MATRIX_FILES:
+        path = folder / f"{name}.tensor"
+        m = read_tensor(path)
+        if m.ndim != 4 or m.shape[0] != 1 or m.shape[2:] != (4, 4) or m.shape[1] == 0:
+            raise LeanError(f"{path}: shape {list(m.shape)}, expected [1,N,4,4] (one 4x4 per camera); "
+                            "rewrite it with one 4x4 matrix per camera")
+        if not np.issubdtype(m.dtype, np.floating):
+            raise LeanError(f"{path}: dtype {m.dtype}, expected float32; rewrite it as float32")
+        matrices[name] = m.astype(np.float32)
+    counts = {name: m.shape[1] for name, m in matrices.items()}
+    if len(set(counts.values())) > 1:
+        listing = ", ".join(f"{k}.tensor {v}" for k, v in counts.items())
+        raise LeanError(f"{folder}: the matrix files disagree on the camera count ({listing}); "
+                        "write all four for the same cameras")
+    return matrices
+
+
+def _read_points(folder: Path) -> np.ndarray:
+    path = folder / POINTS_FILE
+    points = read_tensor(path)
+    if points.ndim != 2 or points.shape[1] < 5:
+        raise LeanError(f"{path}: shape {list(points.shape)}, expected [P,5] (x, y, z, intensity, "
+                        "ring/time); rewrite it with five columns per point")
+    if not np.issubdtype(points.dtype, np.floating):
+        raise LeanError(f"{path}: dtype {points.dtype}, expected float16; rewrite it as float16")
+    return points[:, :5].astype(np.float32)
+
+
+def _find_image(folder: Path, index: int) -> Path:
+    found = sorted(folder.glob(f"{index}-*.jpg"))
+    if not found:
+        raise LeanError(f"{folder}: no image {index}-*.jpg for camera {index}; add it "
+                        f"(e.g. {image_file_names(index + 1)[index]}) or pass fewer cameras")
+    if len(found) > 1:
+        raise LeanError(f"{folder}: several images for camera {index} "
+                        f"({', '.join(p.name for p in found)}); keep only one")
+    return found[0]
+
+
+def _read_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LeanError(f"{path}: cannot decode the image ({reason}); replace it with a valid JPEG") from None
+
+
+def load_example(folder, image_size=DEFAULT_IMAGE_SIZE, cameras: int | None = None) -> Sample:
+    """Read and preprocess an example-data folder; ``cameras`` defaults to all the matrices hold."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LeanError(f"{folder}: no such folder; pass CUDA-BEVFusion's example-data folder "
+                        "or create one with python example-data/generate.py")
+    matrices = _read_matrices(folder)
+    points = _read_points(folder)
+    available = next(iter(matrices.values())).shape[1]
+    n = available if cameras is None else cameras
+    if not 1 <= n <= available:
+        raise LeanError(f"{folder}: asked for {n} cameras but the matrices hold {available}; "
+                        f"pass cameras between 1 and {available}")
+
+    images, augs = [], []
+    for i in range(n):
+        path = _find_image(folder, i)
+        try:
+            img, aug = preprocess_image(_read_image(path), image_size)
+        except LeanError as e:
+            raise LeanError(f"{path}: {e}") from None
+        images.append(img)
+        augs.append(aug)
+
+    def batch(m):
+        return torch.from_numpy(np.ascontiguousarray(m[:, :n]))
+
+    return Sample(
+        img=torch.stack(images)[None],
+        points=torch.from_numpy(points),
+        camera2lidar=batch(matrices["camera2lidar"]),
+        camera_intrinsics=batch(matrices["camera_intrinsics"]),
+        lidar2image=batch(matrices["lidar2image"]),
+        img_aug_matrix=torch.from_numpy(np.stack(augs)[None]),
+        image_size=tuple(image_size),
+        folder=folder,
+    )
+
+
+def write_example(folder, images, camera2lidar, camera_intrinsics, lidar2image, img_aug_matrix, points) -> list[Path]:
+    """Write an example-data folder (each file atomically); returns the paths written."""
+    folder = Path(folder)
+    n = len(images)
+    if n == 0:
+        raise LeanError(f"{folder}: no camera images given; pass one HxWx3 uint8 image per camera")
+    for i, img in enumerate(images):
+        if not isinstance(img, Image.Image):
+            a = np.asarray(img)
+            if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
+                raise LeanError(f"image {i}: {a.dtype} {list(a.shape)}, expected uint8 HxWx3; "
+                                "convert it with np.clip(x, 0, 255).astype(np.uint8)")
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, m in zip(MATRIX_FILES, (camera2lidar, camera_intrinsics, lidar2image, img_aug_matrix)):
+        m = np.asarray(m, np.float32)
+        if m.size != n * 16:
+            raise LeanError(f"{name}: shape {list(m.shape)} does not hold one 4x4 per image ({n} images); "
+                            "pass [1,N,4,4] matrices for the N images")
+        written.append(folder / f"{name}.tensor")
+        write_tensor(written[-1], m.reshape(1, n, 4, 4))
+
+    points = np.asarray(points)
+    if points.ndim != 2 or points.shape[1] != 5:
+        raise LeanError(f"points: shape {list(points.shape)}, expected [P,5]; pass x, y, z, intensity, ring/time")
+    written.append(folder / POINTS_FILE)
+    write_tensor(written[-1], points.astype(np.float16))
+
+    for file_name, img in zip(image_file_names(n), images):
+        img = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, "JPEG", quality=JPEG_QUALITY)
+        written.append(folder / file_name)
+        write_bytes(written[-1], buf.getvalue())
+    return written

@@ -1,0 +1,398 @@
+"""Export the camera branch to the two ONNX files the CUDA-BEVFusion runtime binds by name.
+
+checkpoint -> model -> trace (dynamo=False) -> simplify -> validate -> write, with every file
+first written to a temporary name and renamed only after both files validated.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import time
+import warnings
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import lean
+from lean.checkpoint import Checkpoint, infer_config, load_weights, read_checkpoint
+from lean.config import CameraConfig
+from lean.errors import LeanError
+from lean.io import atomic_path
+
+BACKBONE_FILE = "camera.backbone.onnx"
+VTRANSFORM_FILE = "camera.vtransform.onnx"
+FP32_RTOL = 1e-4  # max abs error / max abs reference, FP32 graph against PyTorch
+# INT8 graphs: one float rounding difference before a quantizer flips a value by one step, and
+# the flip spreads through every later layer. PyTorch against itself with 1 instead of 2 threads
+# already differs by up to 11 steps of the output range (cosine 0.9953) on the demo ResNet50, and
+# ONNX Runtime by up to 14 (cosine 0.9865). The bounds sit above that noise and far below what a
+# wrong scale, axis or missing Q/DQ gives (tests/test_export.py breaks one scale to prove it).
+INT8_STEPS = 24.0  # max abs error in steps of the output's own INT8 range (max |ref| / 127)
+INT8_MIN_COSINE = 0.97
+
+
+@dataclass
+class ExportOptions:
+    ckpt: Path
+    out_dir: Path | None = None  # default qat/onnx_int8 or qat/onnx_fp16, as the seed
+    fp16: bool = False
+    opset: int = 13
+    device: str = "auto"
+    simplify: bool = True
+    data: Path = Path("example-data")
+    backbone: str | None = None
+    image_size: tuple[int, int] | None = None
+    cameras: int | None = None
+    rebuild_frustum: bool = False
+    check_bev: bool | None = None  # None: on when the data has the rig's matrices
+    plot: bool = False
+    log: object = None  # callable(str) for progress lines
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else "int8"
+
+    def output_dir(self) -> Path:
+        return Path(self.out_dir) if self.out_dir else Path("qat") / f"onnx_{self.precision}"
+
+
+@dataclass
+class GraphResult:
+    file: str
+    size: int = 0
+    nodes: int = 0
+    qdq_pairs: int = 0
+    seconds: float = 0.0
+    outputs: dict = field(default_factory=dict)  # name -> {shape, max_abs_err, cosine, tolerance}
+
+    @property
+    def max_error(self) -> float:
+        return max((o["max_abs_err"] for o in self.outputs.values()), default=0.0)
+
+
+@dataclass
+class ExportReport:
+    out_dir: Path
+    precision: str
+    graphs: list[GraphResult]
+    stages: dict[str, float]
+    facts: dict
+
+    def to_json(self) -> dict:
+        return {
+            **self.facts,
+            "precision": self.precision,
+            "files": {g.file: {k: v for k, v in vars(g).items() if k != "file"} for g in self.graphs},
+            "stages_seconds": self.stages,
+        }
+
+
+class Stages:
+    """Wall time per named stage, with a progress line as each starts."""
+
+    def __init__(self, log):
+        self.times: dict[str, float] = {}
+        self.count = 0
+        self.log = log or (lambda msg: None)
+
+    @contextmanager
+    def __call__(self, name: str, what: str):
+        self.count += 1
+        self.log(f"[{self.count}] {what} ...")
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LeanError("--device cuda asked for, but this PyTorch sees no CUDA GPU: use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise LeanError(f"unknown device {name!r}: choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def resolve_config(ckpt: Checkpoint, backbone=None, image_size=None, cameras=None, rebuild_frustum=False) -> CameraConfig:
+    """The checkpoint's own config (stored or inferred), with the user's overrides checked against it."""
+    stored = ckpt.config or infer_config(ckpt.state_dict)
+    changes = {}
+    if cameras is not None:
+        changes["cameras"] = cameras
+    if backbone is not None and backbone != stored.backbone:
+        raise LeanError(f"--backbone {backbone} does not match the checkpoint, which holds a {stored.backbone} backbone")
+    if image_size is not None and tuple(image_size) != tuple(stored.image_size):
+        if not rebuild_frustum:
+            h, w = stored.image_size
+            raise LeanError(
+                f"checkpoint frustum was made for {h}x{w}, not {image_size[0]}x{image_size[1]}: "
+                "pass --rebuild-frustum to derive it for the new size (the frustum is derived data)"
+            )
+        changes["image_size"] = tuple(image_size)
+    return stored.replace(**changes)
+
+
+def build_model(ckpt: Checkpoint, cfg: CameraConfig, precision: str, rebuild_frustum: bool = False) -> torch.nn.Module:
+    from lean.models import build_camera
+    from lean.quantize import build_quantized, fold_bn
+
+    sd = dict(ckpt.state_dict)
+    if rebuild_frustum:
+        sd["vtransform.frustum"] = build_camera(cfg).vtransform.frustum
+    if ckpt.kind == "ptq":
+        if precision == "int8":
+            return build_quantized(cfg, sd, ckpt.disabled_quantizers)
+        # FP16 engines need no scales: the float graph of the same folded weights.
+        model = fold_bn(build_camera(cfg))
+        load_weights(model, {k: v for k, v in sd.items() if not k.endswith("._amax")}, "PTQ checkpoint")
+        return model.eval()
+    if precision == "int8":
+        raise LeanError(
+            f"{ckpt.path} is a float checkpoint; INT8 needs calibrated scales: run "
+            f"`python -m lean.ptq --ckpt {ckpt.path}` first, or export FP16 with --fp16"
+        )
+    model = build_camera(cfg)
+    load_weights(model, sd, f"checkpoint {ckpt.path}")
+    return fold_bn(model).eval()
+
+
+def trace(module: torch.nn.Module, args: tuple, input_names, output_names, opset: int):
+    """torch.onnx.export (TorchScript exporter: ModelOpt's quantizers do not pass dynamo) to a proto."""
+    import onnx
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, buf, opset_version=opset, input_names=input_names, output_names=output_names,
+            do_constant_folding=True, dynamo=False,
+        )
+    return onnx.load_from_string(buf.getvalue())
+
+
+def simplify(model):
+    import onnxsim
+
+    simplified, ok = onnxsim.simplify(model)
+    if not ok:
+        raise LeanError("onnxsim's own check failed on the simplified graph: re-run with --no-simplify and report it")
+    return simplified
+
+
+def qdq_pairs(model) -> int:
+    nodes = model.graph.node
+    producers = {o: n for n in nodes for o in n.output}
+    return sum(1 for n in nodes if n.op_type == "DequantizeLinear" and producers.get(n.input[0]) is not None
+               and producers[n.input[0]].op_type == "QuantizeLinear") + sum(
+        1 for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] not in producers)
+
+
+def compare(got, ref, precision: str) -> dict:
+    """Error stats of one output and whether it passes this precision's tolerance."""
+    ref = torch.as_tensor(ref).double().flatten()
+    got = torch.as_tensor(got).double().flatten()
+    err = (got - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=0).item() if scale > 0 else 1.0
+    tol = FP32_RTOL * scale if precision == "fp32" else INT8_STEPS * scale / 127.0
+    ok = err <= max(tol, 1e-6) and (precision == "fp32" or cos >= INT8_MIN_COSINE)
+    return {"max_abs_err": err, "cosine": cos, "tolerance": tol, "ref_max_abs": scale, "ok": ok}
+
+
+def ort_session(path: Path):
+    """An ONNX Runtime CPU session that computes what the graph says.
+
+    Basic optimizations only: ORT's extended level fuses Q/DQ pairs into its own int8 kernels
+    (QLinearConv), whose x86 s8s8 path saturates intermediate sums (seen here: errors of half
+    the output range on ResNet50's downsample convs). TensorRT accumulates exactly in int32, so
+    the unfused Q -> DQ -> float conv semantics are the right reference.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def validate(path: Path, inputs: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], precision: str,
+             name: str | None = None) -> dict:
+    """onnx.checker (full) and ONNX Runtime against the PyTorch outputs; raises on failure."""
+    import onnx
+
+    name = name or path.name
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise LeanError(f"onnx.checker rejected {name}: {str(e).splitlines()[0]}") from None
+    session = ort_session(path)
+    feeds = {k: v.detach().cpu().numpy() for k, v in inputs.items()}
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    stats = {}
+    for out, ref in reference.items():
+        ref = ref.detach().cpu()
+        if tuple(got[out].shape) != tuple(ref.shape):
+            raise LeanError(f"{name}: output {out} has shape {got[out].shape}, PyTorch gives {tuple(ref.shape)}")
+        stats[out] = {"shape": list(ref.shape), **compare(got[out], ref, precision)}
+    bad = [n for n, s in stats.items() if not s["ok"]]
+    if bad:
+        s = stats[bad[0]]
+        raise LeanError(
+            f"{name} does not compute what PyTorch computes: {bad[0]} max abs error {s['max_abs_err']:.3g} "
+            f"> tolerance {s['tolerance']:.3g} (cosine {s['cosine']:.6f}); nothing was written"
+        )
+    return stats
+
+
+def annotate(model, props: dict) -> None:
+    model.producer_name = "lean"
+    model.producer_version = lean.__version__
+    del model.metadata_props[:]
+    for k, v in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, str(v)
+
+
+def versions() -> dict:
+    import numpy
+    import onnx
+    import onnxruntime
+    import onnxsim
+
+    out = {"lean": lean.__version__, "python": platform.python_version(), "torch": torch.__version__,
+           "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "onnxsim": onnxsim.__version__,
+           "numpy": numpy.__version__}
+    try:
+        import modelopt
+
+        out["nvidia-modelopt"] = modelopt.__version__
+    except ImportError:
+        pass
+    # Plain str: torch's TorchVersion is a str subclass that weights_only loading refuses.
+    return {k: str(v) for k, v in out.items()}
+
+
+def load_inputs(opts: ExportOptions, cfg: CameraConfig):
+    """Example data -> (sample, img, depth) for the contract's inputs, depth from the lidar points."""
+    from lean.data import load_example
+    from lean.geometry import depth_image
+
+    sample = load_example(opts.data, image_size=cfg.image_size, cameras=cfg.cameras)
+    depth = depth_image(sample.points, sample.lidar2image, sample.img_aug_matrix, cfg.image_size)
+    return sample, sample.img, depth
+
+
+def export_camera(opts: ExportOptions) -> ExportReport:
+    stages = Stages(opts.log)
+    device = resolve_device(opts.device)
+    out_dir = opts.output_dir()
+    precision = opts.precision
+    graph_precision = "fp32" if opts.fp16 else "int8"
+
+    with stages("load", f"reading checkpoint {opts.ckpt}"):
+        ckpt = read_checkpoint(opts.ckpt)
+        cfg = resolve_config(ckpt, opts.backbone, opts.image_size, opts.cameras, opts.rebuild_frustum)
+        sample, img, depth = load_inputs(opts, cfg)
+    with stages("build", f"building the {cfg.backbone} {precision.upper()} model on {device}"):
+        model = build_model(ckpt, cfg, precision, opts.rebuild_frustum).to(device)
+        img, depth = img.to(device), depth.to(device)
+        with torch.no_grad():
+            feature, weights = model(img, depth)
+            bev_in = _bev_input(model, sample, feature, weights, cfg)
+            bev_out = model.bev_downsample(bev_in)
+
+    from lean.models import BackboneGraph, VTransformGraph
+
+    graphs = [
+        (BACKBONE_FILE, BackboneGraph(model), {"img": img, "depth": depth},
+         {"camera_feature": feature, "camera_depth_weights": weights}),
+        (VTRANSFORM_FILE, VTransformGraph(model), {"feat_in": bev_in}, {"feat_out": bev_out}),
+    ]
+    props = {"precision": precision, "backbone": cfg.backbone, "image_size": "x".join(map(str, cfg.image_size)),
+             "cameras": cfg.cameras, "source_format": ckpt.source,
+             "calibration": json.dumps(ckpt.meta.get("calibration", {})) if ckpt.kind == "ptq" and not opts.fp16 else "none",
+             "checkpoint_sha256": ckpt.sha256}
+    results = []
+    with ExitStack() as pending:
+        temps = []
+        for name, module, inputs, reference in graphs:
+            result = GraphResult(name)
+            t0 = time.perf_counter()
+            with stages("export", f"tracing {name} (opset {opts.opset})"):
+                proto = trace(module, tuple(inputs.values()), list(inputs), list(reference), opts.opset)
+            if opts.simplify:
+                with stages("simplify", f"simplifying {name} with onnxsim"):
+                    proto = simplify(proto)
+            annotate(proto, props)
+            tmp = pending.enter_context(atomic_path(out_dir / name))
+            with stages("write", f"writing {name}"):
+                import onnx
+
+                onnx.save(proto, str(tmp))
+            with stages("validate", f"validating {name} (onnx.checker + ONNX Runtime vs PyTorch)"):
+                result.outputs = validate(tmp, inputs, reference, graph_precision, name)
+            result.size = tmp.stat().st_size
+            result.nodes = len(proto.graph.node)
+            result.qdq_pairs = qdq_pairs(proto)
+            result.seconds = time.perf_counter() - t0
+            results.append(result)
+            temps.append(tmp)
+        facts = {
+            "out_dir": str(out_dir), "opset": opts.opset, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+            "config": cfg.to_dict(),
+            "checkpoint": {"path": str(opts.ckpt), "sha256": ckpt.sha256, "source_format": ckpt.source,
+                           "kind": ckpt.kind, "meta": ckpt.meta},
+            "versions": versions(),
+        }
+        report = ExportReport(out_dir, precision, results, stages.times, facts)
+        if opts.check_bev is not False:
+            from lean.bevcheck import check_bev
+
+            with stages("check_bev", "end-to-end BEV check: ONNX backbone -> BEV pool -> ONNX vtransform"):
+                report.facts["bev_check"] = check_bev(
+                    temps[0], temps[1], model, sample, img, depth, graph_precision, out_dir if opts.plot else None
+                )
+        report.facts["stages_seconds"] = stages.times
+        report_tmp = pending.enter_context(atomic_path(out_dir / "report.json"))
+        report_tmp.write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
+        # Everything validated: leaving the block renames the report and both files into place.
+    return report
+
+
+def _bev_input(model, sample, feature, weights, cfg):
+    """A realistic BEV map for the vtransform graph: the pooled output of the backbone graph."""
+    from lean.bev import pool_to_bev
+
+    return pool_to_bev(feature, weights, sample, model).to(feature.device)
+
+
+def summary_table(report: ExportReport) -> str:
+    rows = [("file", "size", "nodes", "Q/DQ", "time", "max error", "cosine")]
+    for g in report.graphs:
+        cos = min((o["cosine"] for o in g.outputs.values()), default=1.0)
+        rows.append((str(report.out_dir / g.file), _size(g.size), str(g.nodes), str(g.qdq_pairs),
+                     f"{g.seconds:.1f}s", f"{g.max_error:.3g}", f"{cos:.6f}"))
+    bev = report.facts.get("bev_check")
+    if bev:
+        rows.append(("BEV map (ONNX chain vs PyTorch)", "", "", "", f"{bev['seconds']:.1f}s",
+                     f"{bev['max_abs_err']:.3g}", f"{bev['cosine']:.6f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024

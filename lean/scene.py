@@ -1,0 +1,227 @@
+"""A deterministic synthetic street scene in the runtime's example-data layout.
+
+It stands in for nuScenes data the project may not ship: six 1600x900 camera images and a
+32-beam lidar sweep, ray cast from one set of boxes on one textured ground, so the images and
+the points show the same scene and the projection through ``lidar2image`` can be checked.
+
+Frames: lidar x forward, y left, z up, origin 1.84 m above the ground; camera x right, y down,
+z forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from lean.data import image_aug, write_example
+
+GROUND_Z = -1.84
+IMAGE_SIZE = (1600, 900)  # w, h of the camera images
+CAMERA_Z = 1.5 + GROUND_Z  # cameras about 1.5 m above the ground
+LIDAR_ELEVATIONS = np.linspace(-30.0, 10.0, 32)  # degrees, one per ring
+LIDAR_AZIMUTH_STEP = 0.25  # degrees
+LIDAR_RANGE = 70.0
+SEED = 0
+# Lighting: sun direction (lidar frame) and the share of light that reaches faces turned away.
+SUN = (np.array([0.35, 0.45, 0.82]) / np.linalg.norm([0.35, 0.45, 0.82])).astype(np.float32)
+AMBIENT = 0.45
+# Distance haze keeps the far ground from aliasing into noise that bloats the JPEGs.
+HAZE, HAZE_DISTANCE = np.array([175, 178, 182], np.float32), 200.0
+SKY_HORIZON, SKY_ZENITH = np.array([205, 218, 236], np.float32), np.array([95, 140, 210], np.float32)
+ROWS_PER_CHUNK = 150  # camera rows ray cast at once: keeps the working set to tens of MB
+
+# name, yaw (deg), x, y, z offset, focal length: a nuScenes-like rig around the lidar.
+STANDARD_RIG = (
+    ("FRONT", 0.0, 0.75, 0.00, 0.00, 1266.0),
+    ("FRONT_RIGHT", -55.0, 0.55, -0.50, -0.01, 1260.0),
+    ("FRONT_LEFT", 55.0, 0.55, 0.50, -0.01, 1257.0),
+    ("BACK", 180.0, -1.00, 0.00, 0.02, 800.0),
+    ("BACK_LEFT", 110.0, -0.30, 0.55, 0.00, 1256.0),
+    ("BACK_RIGHT", -110.0, -0.30, -0.55, 0.00, 1262.0),
+)
+
+
+@dataclass(frozen=True)
+class Box:
+    """An upright box standing on the ground."""
+
+    name: str
+    x: float
+    y: float
+    size: tuple[float, float, float]  # length (along yaw), width, height in metres
+    yaw: float  # radians, counter-clockwise from the lidar x axis
+    color: tuple[int, int, int]
+    intensity: float  # lidar reflectivity, 0..255
+
+    @property
+    def center(self) -> np.ndarray:
+        return np.array([self.x, self.y, GROUND_Z + self.size[2] / 2])
+
+
+def box_list() -> list[Box]:
+    """The scene's boxes: cars and pedestrians of distinct hues all around the ego car."""
+    car, van, person = (4.5, 1.9, 1.6), (6.0, 2.3, 2.6), (0.6, 0.6, 1.75)
+    return [
+        Box("car_front", 11.0, 0.3, car, 0.05, (210, 40, 35), 90),
+        Box("car_front_left", 8.5, 5.0, car, -0.15, (45, 80, 210), 70),
+        Box("van_front_right", 20.0, -5.0, van, 0.10, (225, 205, 40), 120),
+        Box("pedestrian_front_right", 6.5, -3.2, person, 0.0, (205, 55, 160), 40),
+        Box("car_right", 0.5, -5.5, car, 0.02, (50, 175, 70), 80),
+        Box("car_back_left", -7.5, 4.0, car, 0.20, (235, 130, 30), 100),
+        Box("car_back", -13.0, -0.4, car, -0.05, (40, 185, 200), 60),
+        Box("pedestrian_back_right", -5.0, -4.5, person, 0.0, (130, 60, 200), 50),
+    ]
+
+
+class Rig(NamedTuple):
+    """The four matrix files, each float32 [1,N,4,4]; field order is write_example's."""
+
+    camera2lidar: np.ndarray
+    camera_intrinsics: np.ndarray
+    lidar2image: np.ndarray
+    img_aug_matrix: np.ndarray
+
+
+def make_rig(n_cameras: int = 6) -> Rig:
+    """The nuScenes-like six-camera rig, or ``n_cameras`` cameras evenly spread around the car."""
+    if n_cameras == len(STANDARD_RIG):
+        cameras = [row[1:] for row in STANDARD_RIG]
+    else:
+        # Wide enough that neighbours overlap by ~10%, never wider than 150 degrees.
+        half_fov = min(180.0 / n_cameras * 1.1, 75.0)
+        f = min(1266.0, IMAGE_SIZE[0] / 2 / math.tan(math.radians(half_fov)))
+        cameras = [(360.0 * i / n_cameras, 0.8 * math.cos(2 * math.pi * i / n_cameras),
+                    0.8 * math.sin(2 * math.pi * i / n_cameras), 0.0, f) for i in range(n_cameras)]
+
+    c2l, k4 = [], []
+    for yaw, x, y, dz, f in cameras:
+        c, s = math.cos(math.radians(yaw)), math.sin(math.radians(yaw))
+        pose = np.eye(4)
+        # Columns: camera right, down and forward axes in the lidar frame.
+        pose[:3, :3] = np.array([[s, 0, c], [-c, 0, s], [0, -1, 0]])
+        pose[:3, 3] = x, y, CAMERA_Z + dz
+        k = np.eye(4)
+        k[0, 0], k[1, 1], k[0, 2], k[1, 2] = f, f, IMAGE_SIZE[0] / 2, IMAGE_SIZE[1] / 2
+        c2l.append(pose)
+        k4.append(k)
+    c2l, k4 = np.stack(c2l), np.stack(k4)
+    l2i = k4 @ np.linalg.inv(c2l)
+    aug = np.broadcast_to(image_aug(IMAGE_SIZE)[2], c2l.shape)
+    return Rig(*(np.asarray(m, np.float32)[None] for m in (c2l, k4, l2i, aug)))
+
+
+def _cast(origin: np.ndarray, dirs: np.ndarray, boxes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nearest hit of each unit-length ray: distance (inf if none), surface id (-1 none,
+    0 ground, k+1 box k) and the unit normal there."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(dirs[:, 2] < 0, (GROUND_Z - origin[2]) / dirs[:, 2], np.inf).astype(np.float32)
+    surface = np.where(np.isfinite(t), 0, -1).astype(np.int16)
+    normal = np.zeros_like(dirs)
+    normal[:, 2] = 1
+    for k, box in enumerate(boxes):
+        # Only rays through the bounding sphere get the slab test: most rays miss most boxes.
+        oc = (box.center - origin).astype(np.float32)
+        gap2 = float(oc @ oc) - (np.linalg.norm(box.size) / 2) ** 2
+        idx = np.flatnonzero(dirs @ oc >= math.sqrt(gap2)) if gap2 > 0 else np.arange(len(dirs))
+        c, s = math.cos(box.yaw), math.sin(box.yaw)
+        to_box = np.array([[c, s, 0], [-s, c, 0], [0, 0, 1]], np.float32)
+        o = to_box @ -oc
+        d = to_box @ dirs[idx].T  # [3, m]: per-axis rows keep the reductions elementwise
+        d[np.abs(d) < 1e-9] = 1e-9  # axis-parallel rays: the slab test stays well defined
+        half = np.asarray(box.size, np.float32)[:, None] / 2
+        t1, t2 = (-half - o[:, None]) / d, (half - o[:, None]) / d
+        near, far = np.minimum(t1, t2), np.maximum(t1, t2)
+        enter = np.maximum(np.maximum(near[0], near[1]), near[2])
+        leave = np.minimum(np.minimum(far[0], far[1]), far[2])
+        hit = (enter <= leave) & (enter > 0) & (enter < t[idx])
+        # The face entered is the axis whose slab is entered last.
+        local = np.where(near[:, hit] == enter[hit], -np.sign(d[:, hit]), 0).astype(np.float32)
+        idx = idx[hit]
+        t[idx] = enter[hit]
+        surface[idx] = k + 1
+        normal[idx] = local.T @ to_box
+    return t, surface, normal
+
+
+def _ground(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ground grey level (0..255) and lidar intensity: asphalt road with lane marks, paved sidewalks."""
+    road = np.abs(y) < 7.0
+    checker = (np.floor(x / 2) + np.floor(y / 2)) % 2 == 0
+    tiles = (np.floor(x) + np.floor(y)) % 2 == 0
+    dashed = (np.abs(np.abs(y) - 1.75) < 0.075) & (x % 6.0 < 3.0)
+    solid = np.abs(np.abs(y) - 5.25) < 0.075
+    marks = road & (dashed | solid)
+    grey = np.where(marks, 228.0, np.where(road, np.where(checker, 88.0, 102.0), np.where(tiles, 140.0, 156.0)))
+    intensity = np.where(marks, 170.0, np.where(road, np.where(checker, 10.0, 16.0), 30.0))
+    return grey.astype(np.float32), intensity.astype(np.float32)
+
+
+def render_camera(rig: Rig, index: int, boxes=None) -> tuple[np.ndarray, np.ndarray]:
+    """Camera ``index`` of ``rig``: RGB uint8 [900,1600,3] and surface ids int16 [900,1600]
+    (-1 sky, 0 ground, k+1 box k)."""
+    boxes = box_list() if boxes is None else boxes
+    w, h = IMAGE_SIZE
+    pose, k = rig.camera2lidar[0, index].astype(np.float64), rig.camera_intrinsics[0, index]
+    origin = pose[:3, 3].astype(np.float32)
+    # Albedo by surface id + 1: sky (unused), ground (scaled by its grey level), boxes.
+    palette = np.array([(1, 1, 1), (1, 1, 0.98), *(b.color for b in boxes)], np.float32)
+    # Pixel (u, v) covers [u, u+1): the runtime's int() of a projection lands in it.
+    us = ((np.arange(w) + 0.5 - k[0, 2]) / k[0, 0]).astype(np.float32)[None, :]
+    rotation = pose[:3, :3].astype(np.float32)
+    rgb = np.empty((h, w, 3), np.uint8)
+    labels = np.empty((h, w), np.int16)
+    for v0 in range(0, h, ROWS_PER_CHUNK):
+        vs = ((np.arange(v0, min(v0 + ROWS_PER_CHUNK, h)) + 0.5 - k[1, 2]) / k[1, 1]).astype(np.float32)[:, None]
+        scale = 1 / np.sqrt(us * us + vs * vs + 1)
+        dirs = np.stack([(r[0] * us + r[1] * vs + r[2]) * scale for r in rotation], -1).reshape(-1, 3)
+        t, surface, normal = _cast(origin, dirs, boxes)
+
+        sky = SKY_HORIZON + (SKY_ZENITH - SKY_HORIZON) * np.sqrt(np.clip(dirs[:, 2:], 0, 1))
+        with np.errstate(invalid="ignore"):  # rays into the sky have t = inf
+            grey, _ = _ground(origin[0] + dirs[:, 0] * t, origin[1] + dirs[:, 1] * t)
+            light = AMBIENT + (1 - AMBIENT) * np.clip(normal @ SUN, 0, None)
+            light *= np.where(surface == 0, grey, 1)
+            color = palette[surface + 1] * light[:, None]
+            color += (HAZE - color) * (1 - np.exp(-t / HAZE_DISTANCE))[:, None]
+        color = np.where(surface[:, None] >= 0, color, sky)
+
+        rows = slice(v0, v0 + len(vs))
+        rgb[rows] = np.clip(np.rint(color), 0, 255).astype(np.uint8).reshape(len(vs), w, 3)
+        labels[rows] = surface.reshape(len(vs), w)
+    return rgb, labels
+
+
+def lidar_scan(boxes=None, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+    """One sweep of a 32-beam spinning lidar at the origin: float32 [P,5] points (x, y, z,
+    intensity, ring) in firing order, and their surface ids int16 [P] (0 ground, k+1 box k)."""
+    boxes = box_list() if boxes is None else boxes
+    azimuth = np.radians(np.arange(0.0, 360.0, LIDAR_AZIMUTH_STEP))
+    elevation = np.radians(LIDAR_ELEVATIONS)
+    az, el = (a.ravel() for a in np.meshgrid(azimuth, elevation, indexing="ij"))
+    ring = np.tile(np.arange(len(elevation)), len(azimuth))
+    dirs = np.stack([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)], -1).astype(np.float32)
+    t, surface, _ = _cast(np.zeros(3, np.float32), dirs, boxes)
+    keep = (surface >= 0) & (t <= LIDAR_RANGE)
+    t, surface, dirs, ring = t[keep], surface[keep], dirs[keep], ring[keep]
+
+    rng = np.random.default_rng(seed)
+    xyz = dirs * (t + rng.normal(0, 0.01, len(t)).astype(np.float32))[:, None]
+    box_intensity = np.array([b.intensity for b in boxes], np.float32)
+    ground_intensity = _ground(xyz[:, 0], xyz[:, 1])[1]
+    intensity = np.where(surface > 0, box_intensity[np.maximum(surface, 1) - 1], ground_intensity)
+    intensity = np.clip(np.rint(intensity + rng.normal(0, 2, len(t))), 0, 255)
+    points = np.column_stack([xyz, intensity, ring]).astype(np.float32)
+    return points, surface
+
+
+def make_scene(folder, n_cameras: int = 6) -> list[Path]:
+    """Render the scene and write it as an example-data folder; returns the files written."""
+    rig = make_rig(n_cameras)
+    boxes = box_list()
+    images = [render_camera(rig, i, boxes)[0] for i in range(n_cameras)]
+    points, _ = lidar_scan(boxes)
+    return write_example(folder, images, *rig, points)
