@@ -15,34 +15,23 @@ from lean.errors import LeanError
 
 
 @torch.no_grad()
-def onnx_chain(backbone_path: Path, vtransform_path: Path, model, sample, img, depth) -> torch.Tensor:
+def onnx_chain(feature, weights, vtransform_path: Path, model, sample) -> torch.Tensor:
+    """ONNX Runtime's backbone outputs -> our BEV pooling -> camera.vtransform.onnx."""
     from lean.bev import pool_to_bev
     from lean.export import ort_session
 
-    feature, weights = ort_session(backbone_path).run(
-        ["camera_feature", "camera_depth_weights"], {"img": img.cpu().numpy(), "depth": depth.cpu().numpy()}
-    )
     bev_in = pool_to_bev(feature, weights, sample, model.vtransform)
     (out,) = ort_session(vtransform_path).run(["feat_out"], {"feat_in": bev_in.cpu().numpy()})
     return torch.from_numpy(out)
 
 
-@torch.no_grad()
-def torch_chain(model, sample, img, depth) -> torch.Tensor:
-    from lean.bev import pool_to_bev
-    from lean.export import ort_session
-
-    feature, weights = model(img, depth)
-    return model.bev_downsample(pool_to_bev(feature, weights, sample, model)).cpu()
-
-
-def check_bev(backbone_path, vtransform_path, model, sample, img, depth, precision: str, plot_dir=None) -> dict:
-    """Compare the final camera BEV map of both chains; raise if it is off by more than the tolerance."""
+def check_bev(feature, weights, vtransform_path, model, sample, reference, precision: str, plot_dir=None) -> dict:
+    """Final camera BEV map of the ONNX chain against PyTorch's (``reference``); raise if off."""
     from lean.export import compare
 
     t = time.perf_counter()
-    ref = torch_chain(model, sample, img, depth)
-    got = onnx_chain(Path(backbone_path), Path(vtransform_path), model, sample, img, depth)
+    ref = reference.detach().cpu()
+    got = onnx_chain(feature, weights, Path(vtransform_path), model, sample)
     stats = {"shape": list(ref.shape), **compare(got, ref, precision)}
     stats["seconds"] = time.perf_counter() - t
     if plot_dir is not None:

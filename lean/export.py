@@ -224,8 +224,11 @@ def ort_session(path: Path):
 
 
 def validate(path: Path, inputs: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], precision: str,
-             name: str | None = None) -> dict:
-    """onnx.checker (full) and ONNX Runtime against the PyTorch outputs; raises on failure."""
+             name: str | None = None) -> tuple[dict, dict]:
+    """onnx.checker (full) and ONNX Runtime against the PyTorch outputs; raises on failure.
+
+    Returns the error stats per output and ONNX Runtime's outputs.
+    """
     import onnx
 
     name = name or path.name
@@ -249,7 +252,7 @@ def validate(path: Path, inputs: dict[str, torch.Tensor], reference: dict[str, t
             f"{name} does not compute what PyTorch computes: {bad[0]} max abs error {s['max_abs_err']:.3g} "
             f"> tolerance {s['tolerance']:.3g} (cosine {s['cosine']:.6f}); nothing was written"
         )
-    return stats
+    return stats, got
 
 
 def annotate(model, props: dict) -> None:
@@ -320,7 +323,7 @@ def export_camera(opts: ExportOptions) -> ExportReport:
              "cameras": cfg.cameras, "source_format": ckpt.source,
              "calibration": json.dumps(ckpt.meta.get("calibration", {})) if ckpt.kind == "ptq" and not opts.fp16 else "none",
              "checkpoint_sha256": ckpt.sha256}
-    results = []
+    results, ort_outputs = [], {}
     with ExitStack() as pending:
         temps = []
         for name, module, inputs, reference in graphs:
@@ -338,7 +341,7 @@ def export_camera(opts: ExportOptions) -> ExportReport:
 
                 onnx.save(proto, str(tmp))
             with stages("validate", f"validating {name} (onnx.checker + ONNX Runtime vs PyTorch)"):
-                result.outputs = validate(tmp, inputs, reference, graph_precision, name)
+                result.outputs, ort_outputs[name] = validate(tmp, inputs, reference, graph_precision, name)
             result.size = tmp.stat().st_size
             result.nodes = len(proto.graph.node)
             result.qdq_pairs = qdq_pairs(proto)
@@ -358,8 +361,10 @@ def export_camera(opts: ExportOptions) -> ExportReport:
             from lean.bevcheck import check_bev
 
             with stages("check_bev", "end-to-end BEV check: ONNX backbone -> BEV pool -> ONNX vtransform"):
+                backbone_out = ort_outputs[BACKBONE_FILE]
                 report.facts["bev_check"] = check_bev(
-                    temps[0], temps[1], model, sample, img, depth, graph_precision, out_dir if opts.plot else None
+                    backbone_out["camera_feature"], backbone_out["camera_depth_weights"], temps[1], model, sample,
+                    bev_out, graph_precision, out_dir if opts.plot else None,
                 )
         report.facts["stages_seconds"] = stages.times
         report_tmp = pending.enter_context(atomic_path(out_dir / "report.json"))

@@ -29,18 +29,18 @@ def calibration_folders(data: Path) -> list[Path]:
 
 
 def run_ptq(ckpt_path: Path, out: Path, data: Path, method: str = "mse", batches: int | None = None,
-            device: str = "auto", quantize_downsample: bool = False, progress: bool = True, log=log) -> dict:
+            device: str = "auto", quantize_downsample: bool = False, progress: bool = True, log=log,
+            cameras: int | None = None) -> dict:
     import torch
 
     from lean import __version__
-    from lean.checkpoint import read_checkpoint, save_checkpoint
+    from lean.checkpoint import load_weights, read_checkpoint, save_checkpoint
     from lean.data import load_example
     from lean.errors import LeanError
     from lean.export import resolve_config, resolve_device, versions
     from lean.geometry import depth_image
     from lean.models import build_camera
     from lean.quantize import calibrate, fold_bn, insert_quantizers, quant_config
-    from lean.checkpoint import load_weights
 
     quant_config(method)  # reject a bad method before any work
     dev = resolve_device(device)
@@ -52,7 +52,7 @@ def run_ptq(ckpt_path: Path, out: Path, data: Path, method: str = "mse", batches
     ckpt = read_checkpoint(ckpt_path)
     if ckpt.kind != "float":
         raise LeanError(f"{ckpt_path} is already quantized ({ckpt.source}): PTQ starts from a float checkpoint")
-    cfg = resolve_config(ckpt)
+    cfg = resolve_config(ckpt, cameras=cameras)
     model = build_camera(cfg)
     load_weights(model, ckpt.state_dict, f"checkpoint {ckpt_path}")
     model = insert_quantizers(fold_bn(model), method, quantize_downsample).to(dev)
@@ -100,13 +100,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=CALIBRATION_METHODS, default="mse", help="activation amax method (default mse)")
     p.add_argument("--batches", type=int, default=None, help="calibration batches (default: one per sample)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--cameras", type=int, default=None, help="cameras per sample (default 6)")
     p.add_argument("--quantize-downsample", action="store_true", help="also quantize the vtransform downsample")
     add_common(p)
     return p
 
 
 def main(args) -> None:
-    run_ptq(args.ckpt, args.out, args.data, args.method, args.batches, args.device, args.quantize_downsample)
+    run_ptq(args.ckpt, args.out, args.data, args.method, args.batches, args.device, args.quantize_downsample,
+            cameras=args.cameras)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+"""Shared fixtures: the example scene, and small float/PTQ checkpoints made by the project itself."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import SMALL
+
+
+@pytest.fixture(scope="session")
+def example_dir(tmp_path_factory):
+    from lean.scene import make_scene
+
+    folder = tmp_path_factory.mktemp("example-data")
+    make_scene(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_cfg():
+    return SMALL
+
+
+@pytest.fixture(scope="session")
+def small_float_ckpt(tmp_path_factory, example_dir):
+    """Demo-style float checkpoint (official layout) on the small config."""
+    from lean.checkpoint import save_official
+    from lean.data import load_example
+    from lean.demo import make_demo_model
+
+    sample = load_example(example_dir, image_size=SMALL.image_size, cameras=SMALL.cameras)
+    model = make_demo_model(SMALL, sample)
+    path = tmp_path_factory.mktemp("ckpt") / "float.pth"
+    save_official(path, model.state_dict())
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_ptq_ckpt(tmp_path_factory, small_float_ckpt, example_dir):
+    from lean.ptq import run_ptq
+
+    path = tmp_path_factory.mktemp("ckpt") / "ptq.pth"
+    run_ptq(small_float_ckpt, path, example_dir, method="max", progress=False, log=lambda m: None)
+    return path

@@ -1,0 +1,17 @@
+"""Test helpers shared by several test files (the fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from lean.config import CameraConfig
+
+SMALL = CameraConfig(cameras=2, image_size=(64, 176))
+
+
+def sample_inputs(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, n, (h, w) = 1, cfg.cameras, cfg.image_size
+    img = torch.randn(b, n, 3, h, w, generator=g)
+    depth = torch.rand(b, n, 1, h, w, generator=g) * 50 * (torch.rand(b, n, 1, h, w, generator=g) > 0.97)
+    return img, depth

@@ -1,0 +1,167 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from lean.errors import LeanError
+from lean.models import build_camera
+from lean.quantize import (build_quantized, calibrate, fold_bn, insert_quantizers, mse_amax, quant_config,
+                           quantizer_names, quantizers, use_native_fake_quant)
+
+from helpers import SMALL, sample_inputs
+
+
+def random_bn(model):
+    torch.manual_seed(3)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.1, 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    torch.manual_seed(0)
+    return random_bn(build_camera(SMALL))
+
+
+@pytest.fixture(scope="module")
+def calibrated(float_model):
+    model = insert_quantizers(fold_bn(copy.deepcopy(float_model)), "mse")
+    calibrate(model, [sample_inputs(SMALL, seed) for seed in range(2)], "mse")
+    return model
+
+
+def convs(model, prefixes):
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and n.startswith(prefixes)}
+
+
+def test_fold_bn_keeps_outputs(float_model):
+    img, depth = sample_inputs(SMALL)
+    folded = fold_bn(copy.deepcopy(float_model))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        for a, b in zip(float_model(img, depth), folded(img, depth)):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+        bev = torch.randn(1, 80, 360, 360)
+        assert torch.allclose(float_model.bev_downsample(bev), folded.bev_downsample(bev), atol=1e-4)
+
+
+def test_every_conv_but_the_downsample_is_quantized(calibrated):
+    quantized = convs(calibrated, ("backbone", "neck", "vtransform.dtransform", "vtransform.depthnet"))
+    assert len(quantized) == 53 + 4 + 3 + 3
+    for name, conv in quantized.items():
+        assert not conv.input_quantizer._disabled, name
+        assert not conv.weight_quantizer._disabled, name
+        assert conv.weight_quantizer.axis == 0 and conv.weight_quantizer.amax.shape == (conv.out_channels, 1, 1, 1)
+        assert conv.input_quantizer.amax.numel() == 1
+    for name, conv in convs(calibrated, ("vtransform.downsample",)).items():
+        assert conv.input_quantizer._disabled and conv.weight_quantizer._disabled, name
+    # [-128, 127]: ONNX QuantizeLinear has no narrow range.
+    assert all(not q._narrow_range and q.num_bits == 8 and not q._unsigned for q in quantizers(calibrated).values())
+    assert not any("maxpool" in n for n in quantizer_names(calibrated))
+
+
+def test_downsample_flag_quantizes_it(float_model):
+    model = insert_quantizers(fold_bn(copy.deepcopy(float_model)), "max", quantize_downsample=True)
+    assert all(not c.input_quantizer._disabled for c in convs(model, ("vtransform.downsample",)).values())
+
+
+def test_residual_placement(calibrated):
+    for layer in (calibrated.backbone.layer1, calibrated.backbone.layer3):
+        first, rest = layer[0], list(layer)[1:]
+        assert first.downsample[0].input_quantizer is first.conv1.input_quantizer
+        assert first.residual_quantizer is not first.conv1.input_quantizer
+        assert not first.residual_quantizer._disabled and first.residual_quantizer.amax.numel() == 1
+        for block in rest:
+            # identity branch = block input = conv1's input: one quantizer, one scale
+            assert block.residual_quantizer is block.conv1.input_quantizer
+
+
+def test_concat_placement(calibrated):
+    neck, bb = calibrated.neck, calibrated.backbone
+    assert neck.quant_concat0 is bb.layer3[0].conv1.input_quantizer
+    assert neck.quant_concat1 is bb.layer4[0].conv1.input_quantizer
+    assert neck.lateral_convs[0].conv.input_quantizer is neck.quant_concat0
+    assert neck.lateral_convs[1].conv.input_quantizer is neck.quant_concat1
+
+
+def test_quantized_model_stays_close_to_float(float_model, calibrated):
+    img, depth = sample_inputs(SMALL)
+    folded = fold_bn(copy.deepcopy(float_model))
+    with torch.no_grad():
+        (fq, wq), (ff, wf) = calibrated(img, depth), folded(img, depth)
+    cos = torch.nn.functional.cosine_similarity(fq.flatten(), ff.flatten(), dim=0)
+    assert cos > 0.99
+    assert not torch.equal(fq, ff)  # the quantizers really act
+
+
+def test_mse_amax_is_the_best_candidate():
+    rng = np.random.default_rng(0)
+    x = np.abs(np.concatenate([rng.normal(0, 1, 20000), [30.0] * 5]))
+    hist, edges = np.histogram(x, bins=512)
+    amax = float(mse_amax(hist, edges, start_bin=64))
+    centers = (edges[1:] + edges[:-1]) / 2
+
+    def err(a):
+        scale = 127.0 / a
+        q = np.clip(np.round(centers * scale), -128, 127) / scale
+        return ((q - centers) ** 2 * hist).sum()
+
+    errors = [err(c) for c in centers[64:]]
+    assert amax == pytest.approx(centers[64:][int(np.argmin(errors))], rel=1e-6)
+    assert 3 < amax < 30  # clips the outliers, keeps the bulk
+
+
+def test_native_fake_quant_matches_modelopt_kernel(calibrated):
+    conv = calibrated.backbone.layer2[1].conv2
+    x = torch.randn(2, conv.in_channels, 9, 9) * conv.input_quantizer.amax
+    for quantizer, tensor in ((conv.input_quantizer, x), (conv.weight_quantizer, conv.weight.detach())):
+        with torch.no_grad():
+            native = quantizer(tensor)
+            use_native_fake_quant(calibrated, False)
+            try:
+                reference = quantizer(tensor)
+            finally:
+                use_native_fake_quant(calibrated, True)
+        step = (quantizer.amax / 127).expand_as(tensor) if quantizer.amax.numel() > 1 else quantizer.amax / 127
+        diff = (native - reference).abs() / step
+        # Same grid and clipping; x*(1/s) vs x*(127/amax) may round a value sitting on a tie
+        # the other way, never more than one step.
+        assert diff.max() <= 1.0 + 1e-4 and (diff > 1e-3).float().mean() < 1e-3
+        assert not torch.equal(native, tensor)
+
+
+@pytest.mark.parametrize("method", ["max", "percentile", "entropy"])
+def test_other_calibration_methods(float_model, method):
+    model = insert_quantizers(fold_bn(copy.deepcopy(float_model)), method)
+    if method == "entropy":
+        # ModelOpt's entropy search is a slow Python loop (~3 s a quantizer here): keep a few.
+        for name, q in list(quantizers(model).items())[6:]:
+            q.disable()
+    calibrate(model, [sample_inputs(SMALL)], method)
+    amax = torch.stack([q.amax.max() for q in quantizers(model).values()])
+    assert torch.isfinite(amax).all() and (amax > 0).all()
+
+
+def test_unknown_method_is_a_user_error():
+    with pytest.raises(LeanError):
+        quant_config("minmax")
+
+
+def test_ptq_state_dict_rebuilds_the_same_model(calibrated):
+    rebuilt = build_quantized(SMALL, calibrated.state_dict())
+    img, depth = sample_inputs(SMALL, seed=7)
+    with torch.no_grad():
+        for a, b in zip(calibrated(img, depth), rebuilt(img, depth)):
+            assert torch.equal(a, b)
+
+
+def test_missing_amax_is_a_one_line_error(calibrated):
+    sd = {k: v for k, v in calibrated.state_dict().items() if "layer2.1.conv2.input_quantizer" not in k}
+    with pytest.raises(LeanError) as e:
+        build_quantized(SMALL, sd)
+    assert "layer2.1.conv2.input_quantizer" in str(e.value) and "\n" not in str(e.value)
