@@ -123,4 +123,5 @@ def parse_image_size(text: str) -> tuple[int, int]:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise LeanError(f"image size {text!r} is not HxW, for example 256x704") from None
+    CameraConfig(image_size=(h, w))  # the one-line size error before any work
     return h, w

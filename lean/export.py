@@ -22,7 +22,7 @@ import lean
 from lean.checkpoint import Checkpoint, infer_config, load_weights, read_checkpoint
 from lean.config import CameraConfig
 from lean.errors import LeanError
-from lean.io import atomic_path
+from lean.io import atomic_path, ensure_writable
 
 BACKBONE_FILE = "camera.backbone.onnx"
 VTRANSFORM_FILE = "camera.vtransform.onnx"
@@ -300,6 +300,7 @@ def export_camera(opts: ExportOptions) -> ExportReport:
     precision = opts.precision
     graph_precision = "fp32" if opts.fp16 else "int8"
 
+    ensure_writable(out_dir)
     with stages("load", f"reading checkpoint {opts.ckpt}"):
         ckpt = read_checkpoint(opts.ckpt)
         cfg = resolve_config(ckpt, opts.backbone, opts.image_size, opts.cameras, opts.rebuild_frustum)

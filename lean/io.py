@@ -34,6 +34,14 @@ def atomic_path(path: str | os.PathLike):
             os.unlink(tmp)
 
 
+def ensure_writable(folder) -> None:
+    """Fail before long work, not after it, when ``folder`` cannot take our files."""
+    with atomic_path(Path(folder) / ".lean-write-probe"):
+        pass
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path(folder) / ".lean-write-probe")
+
+
 def write_bytes(path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -12,6 +12,8 @@ The placement follows CUDA-BEVFusion's recipe, so TensorRT can run the whole bra
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from collections.abc import Iterable
 
@@ -121,7 +123,8 @@ def insert_quantizers(model: nn.Module, method: str = "mse", quantize_downsample
     import modelopt.torch.quantization as mtq
 
     cfg = quant_config(method, quantize_downsample)
-    with warnings.catch_warnings():
+    # ModelOpt prints "Inserted N quantizers" to stdout, which belongs to the summary table.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         model = mtq.quantize(model, cfg)
     act_cfg = cfg["quant_cfg"][2]["cfg"]

@@ -1,0 +1,111 @@
+"""The command line as a user types it: one-line errors, exit codes, nothing lost."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lean.errors import LeanError
+from lean.export import BACKBONE_FILE, VTRANSFORM_FILE, ExportOptions, export_camera
+
+from helpers import SMALL
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd=ROOT):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / "export_camera.py"), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def assert_one_line_error(r, *words):
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_missing_checkpoint(tmp_path):
+    assert_one_line_error(cli("--ckpt", tmp_path / "nope.pth", "--out", tmp_path / "o"), "does not exist")
+
+
+def test_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_text("hello")
+    assert_one_line_error(cli("--ckpt", bad, "--out", tmp_path / "o"), "bad.pth")
+
+
+def test_float_checkpoint_without_fp16_asks_for_ptq(tmp_path, small_float_ckpt):
+    assert_one_line_error(cli("--ckpt", small_float_ckpt, "--out", tmp_path / "o"), "lean.ptq", "--fp16")
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    r = cli("--ckpt", tmp_path / "nope.pth", "--verbose")
+    assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_bad_image_size_fails_before_any_work(tmp_path, small_ptq_ckpt):
+    assert_one_line_error(cli("--ckpt", small_ptq_ckpt, "--image-size", "250x700"), "multiples of 8")
+    assert_one_line_error(cli("--ckpt", small_ptq_ckpt, "--image-size", "big"), "HxW")
+
+
+def test_old_opset_is_refused(tmp_path, small_ptq_ckpt):
+    assert_one_line_error(cli("--ckpt", small_ptq_ckpt, "--opset", "11"), "opset 13")
+
+
+@pytest.fixture(scope="module")
+def good_out(tmp_path_factory, small_ptq_ckpt, example_dir):
+    out = tmp_path_factory.mktemp("good")
+    export_camera(ExportOptions(ckpt=small_ptq_ckpt, out_dir=out, data=example_dir, cameras=SMALL.cameras,
+                                check_bev=False))
+    return out
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_failed_export_leaves_earlier_outputs_untouched(tmp_path, good_out, example_dir):
+    before = snapshot(good_out)
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"\x80\x02garbage")
+    with pytest.raises(LeanError):
+        export_camera(ExportOptions(ckpt=broken, out_dir=good_out, data=example_dir, cameras=2))
+    assert snapshot(good_out) == before
+
+
+def test_failure_after_tracing_leaves_no_temp_files(tmp_path, good_out, small_ptq_ckpt, example_dir, monkeypatch):
+    before = snapshot(good_out)
+    import lean.export
+
+    def fail(*a, **k):
+        raise LeanError("simulated validation failure")
+
+    monkeypatch.setattr(lean.export, "validate", fail)
+    with pytest.raises(LeanError):
+        export_camera(ExportOptions(ckpt=small_ptq_ckpt, out_dir=good_out, data=example_dir, cameras=2,
+                                    check_bev=False))
+    assert snapshot(good_out) == before  # no half file, no .tmp left behind
+
+
+def test_unwritable_out_is_a_one_line_error(tmp_path, small_ptq_ckpt, example_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = cli("--ckpt", small_ptq_ckpt, "--out", blocker / "sub", "--data", example_dir, "--cameras", "2",
+            "--no-check-bev")
+    assert_one_line_error(r, "cannot write")
+
+
+def test_summary_table_is_printed(tmp_path, small_ptq_ckpt, example_dir):
+    r = cli("--ckpt", small_ptq_ckpt, "--out", tmp_path / "o", "--data", example_dir, "--cameras", "2", "--fp16",
+            "--plot")
+    assert r.returncode == 0, r.stderr
+    header = r.stdout.splitlines()[0].split()
+    assert header[:3] == ["file", "size", "nodes"] and "max" in header
+    assert BACKBONE_FILE in r.stdout and VTRANSFORM_FILE in r.stdout and "BEV map" in r.stdout
+    for png in ("bev_pytorch.png", "bev_onnx.png", "bev_diff.png"):
+        assert (tmp_path / "o" / png).stat().st_size > 1000
