@@ -293,7 +293,24 @@ def load_inputs(opts: ExportOptions, cfg: CameraConfig):
     return sample, sample.img, depth
 
 
+@contextmanager
+def exact_float32():
+    """The PyTorch reference in true FP32: CUDA convs default to TF32 (10-bit mantissa), which
+    alone puts the reference 1e-3 away from an FP32 graph."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def export_camera(opts: ExportOptions) -> ExportReport:
+    with exact_float32():
+        return _export_camera(opts)
+
+
+def _export_camera(opts: ExportOptions) -> ExportReport:
     stages = Stages(opts.log)
     device = resolve_device(opts.device)
     out_dir = opts.output_dir()

@@ -19,6 +19,7 @@ checkpoints that carry ``*_amax`` keys).
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickle
 import re
@@ -126,7 +127,7 @@ class _TensorRef:
     def __init__(self, storage, offset, size, stride):
         if not isinstance(storage, _StorageRef):
             raise pickle.UnpicklingError("tensor without a storage record")
-        if not isinstance(offset, int) or offset < 0 or not _ints(size) or not _ints(stride) or len(size) != len(stride):
+        if not (isinstance(offset, int) and offset >= 0 and _ints(size) and _ints(stride) and len(size) == len(stride)):
             raise pickle.UnpicklingError("tensor with a malformed shape")
         self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
 
@@ -155,7 +156,7 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
-    if func not in ALLOWED_TENSOR_REBUILDS or new_type not in (_TENSOR, _PARAMETER):
+    if func not in _TENSOR_REBUILDS or new_type not in (_TENSOR, _PARAMETER):
         raise pickle.UnpicklingError("tensor subclass rebuilt by an unexpected function")
     return func(*args)
 
@@ -240,8 +241,8 @@ _FUNCTIONS = _allowed({
     ("torch._tensor", "Tensor"): None,
     ("torch.nn.parameter", "Parameter"): None,
 })
-ALLOWED_TENSOR_REBUILDS = tuple(_FUNCTIONS[("torch._utils", n)] for n in
-                                ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"))
+_TENSOR_REBUILDS = tuple(_FUNCTIONS[("torch._utils", n)] for n in (
+    "_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"))
 _TENSOR, _PARAMETER = _FUNCTIONS[("torch._tensor", "Tensor")], _FUNCTIONS[("torch.nn.parameter", "Parameter")]
 _FUNCTIONS[("torch", "Tensor")] = _TENSOR
 
@@ -265,6 +266,11 @@ class _Unpickler(pickle.Unpickler):
         self.legacy = legacy
 
     def find_class(self, module, name):
+        # Protocol 2 writes Python 2 names (``__builtin__.set``); read them as the stock unpickler does.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         key = (module, name)
         if key in _FUNCTIONS:
             return _FUNCTIONS[key]
@@ -327,15 +333,16 @@ class _Archive:
         return self.classes[key]
 
     def storage(self, storage_type, key, numel, view) -> _StorageRef:
-        if not isinstance(storage_type, _StorageType) or not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
+        if not (isinstance(storage_type, _StorageType) and isinstance(key, str) and isinstance(numel, int)
+                and numel >= 0):
             raise pickle.UnpicklingError("malformed storage record")
         root = self.storages.get(key)
         if root is None:
             root = self.storages[key] = _StorageRef(key, storage_type.dtype, 0, numel)
         if view is None:
             return root
-        view_key, offset, size = view
-        if not (isinstance(offset, int) and isinstance(size, int) and 0 <= offset and 0 <= size and offset + size <= root.numel):
+        _view_key, offset, size = view
+        if not (isinstance(offset, int) and isinstance(size, int) and 0 <= offset and 0 <= size <= root.numel - offset):
             raise pickle.UnpicklingError("storage view out of range")
         return _StorageRef(key, root.dtype, offset, size)
 
@@ -349,7 +356,7 @@ class _Archive:
         self._zip = zipfile.ZipFile(self.path)
         pickles = [n for n in self._zip.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
-            raise LeanError(f"{self.path} is a zip archive but not a torch.save file (no data.pkl): pass a .pth checkpoint")
+            raise LeanError(f"{self.path} is a zip archive but not a torch.save file (no data.pkl): pass a .pth file")
         self._prefix = pickles[0][: -len("data.pkl")]
         order = self._prefix + "byteorder"
         if order in self._zip.namelist():
@@ -362,7 +369,7 @@ class _Archive:
         if first != LEGACY_MAGIC:
             return first  # a plain pickle: the object itself
         if _Unpickler(self._file, self).load() != LEGACY_PROTOCOL:
-            raise LeanError(f"{self.path} is an old torch.save file of an unknown version: re-save it with PyTorch >= 1.6")
+            raise LeanError(f"{self.path} is an old torch.save file of unknown version: re-save it with PyTorch >= 1.6")
         sys_info = _Unpickler(self._file, self).load()
         if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
             self.big_endian = True
@@ -384,10 +391,10 @@ class _Archive:
     def _raw(self, key: str) -> bytes:
         if key not in self._bytes:
             if self._zip is not None:
-                try:
-                    self._bytes[key] = self._zip.read(f"{self._prefix}data/{key}")
-                except KeyError:
-                    raise LeanError(f"{self.path} lacks the data of storage {key}: the file is truncated or damaged") from None
+                name = f"{self._prefix}data/{key}"
+                if name not in self._zip.NameToInfo:
+                    raise LeanError(f"{self.path} lacks the data of storage {key}: the file is truncated or damaged")
+                self._bytes[key] = self._zip.read(name)
             else:
                 offset, count = self._legacy_offsets.get(key, (None, 0))
                 if offset is None:
@@ -401,7 +408,7 @@ class _Archive:
         size = _element_size(st.dtype)
         raw = self._raw(st.key)
         if len(raw) < (st.start + st.numel) * size:
-            raise LeanError(f"{self.path}: storage {st.key} is shorter than its tensors say: the file is truncated or damaged")
+            raise LeanError(f"{self.path}: storage {st.key} is shorter than its tensors: the file is truncated")
         data = bytearray(raw[st.start * size : (st.start + st.numel) * size])
         flat = torch.frombuffer(data, dtype=st.dtype) if data else torch.empty(0, dtype=st.dtype)
         if self.big_endian and size > 1:
@@ -431,23 +438,25 @@ def read_pickled_model(path) -> Checkpoint:
             root = archive.load()
         except _Refused as e:
             raise LeanError(
-                f"{path} refers to {e.what}, which no model checkpoint needs: refused to load it (nothing in the "
-                "file was run); if you trust the file, re-save its weights with torch.save(model.state_dict(), ...)"
+                f"{path} refers to {e.what}, which is not among what a model checkpoint may use: refused to load it "
+                "(nothing in the file was run); if you trust the file, re-save its weights as a state dict with "
+                "torch.save(model.state_dict(), path)"
             ) from None
         except LeanError:
             raise
         except Exception as e:  # anything else the bytes can provoke is a damaged file
-            raise LeanError(f"{path} is not a readable pickled model ({_first_line(e)}): pass a .pth checkpoint") from None
+            text = f"{path} is not a readable pickled model ({_first_line(e)}): pass a .pth checkpoint"
+            raise LeanError(text) from None
         if isinstance(root, dict):
             return _from_dict(root, archive)
-        camera = find_camera(root)
+        camera = _find_camera(root)
         if camera is None:
             what = root.pickle_name if isinstance(root, Placeholder) else type(root).__name__
             raise LeanError(
                 f"{path} holds a pickled {what} without a camera branch (no encoders.camera module): "
                 "pass a camera+lidar BEVFusion model such as CUDA-BEVFusion's bevfusion_ptq.pth"
             )
-        refs, quantizers = camera_tensors(camera, str(path))
+        refs, quantizers = _camera_tensors(camera, str(path))
         tensors: dict[int, torch.Tensor] = {}
         sd = {}
         for key, ref in refs.items():
@@ -482,7 +491,7 @@ def _child(obj, name):
     return child if isinstance(child, Placeholder) else None
 
 
-def find_camera(root):
+def _find_camera(root):
     """``MMDataParallel.module`` -> BEVFusion -> ``encoders`` -> ``camera``, wrappers optional."""
     node = root
     for _ in range(4):  # (Distributed)DataParallel wrappers, possibly nested
@@ -496,7 +505,7 @@ def find_camera(root):
     return _child(encoders, "camera") if encoders is not None else None
 
 
-def camera_tensors(camera, name: str):
+def _camera_tensors(camera, name: str):
     """Every parameter and persistent buffer under every module name (shared modules appear under
     each of theirs, as in a state dict), and each quantizer's names and whether it is disabled."""
     refs: dict[str, _TensorRef] = {}

@@ -182,6 +182,7 @@ def quantizer_names(model: nn.Module) -> dict[str, list[str]]:
 def calibrate(model: nn.Module, batches: Iterable, method: str = "mse", progress=None) -> int:
     """Collect statistics over ``batches`` of (img, depth) and load every quantizer's amax."""
     qs = list(quantizers(model).values())
+    device = next(model.parameters()).device
     for q in qs:
         q.disable_quant()
         q.enable_calib()
@@ -196,7 +197,7 @@ def calibrate(model: nn.Module, batches: Iterable, method: str = "mse", progress
     for q in qs:
         kind = type(q._calibrator).__name__
         if kind == "HistogramCalibrator" and method == "mse":
-            q.amax = mse_amax(q._calibrator._calib_hist, q._calibrator._calib_bin_edges)
+            q.amax = mse_amax(q._calibrator._calib_hist, q._calibrator._calib_bin_edges).to(device)
         elif kind == "HistogramCalibrator":
             kwargs = {"percentile": PERCENTILE} if method == "percentile" else {}
             q.load_calib_amax(method=method, **kwargs)
@@ -218,8 +219,9 @@ def mse_amax(hist, edges, start_bin: int = 128, chunk: int = 256) -> torch.Tenso
     """
     if hist is None or edges is None:
         raise LeanError("a quantizer saw no data during calibration: the calibration data never reached it")
-    counts = torch.as_tensor(hist, dtype=torch.float64).flatten()
-    edges = torch.as_tensor(edges, dtype=torch.float64).flatten()
+    # ModelOpt keeps numpy histograms on CPU and torch ones on the GPU (with CPU bin edges).
+    counts = torch.as_tensor(hist).detach().cpu().double().flatten()
+    edges = torch.as_tensor(edges).detach().cpu().double().flatten()
     centers = (edges[1:] + edges[:-1]) / 2
     candidates = centers[min(start_bin, len(centers) - 1) :]
     best_err, best = None, None
