@@ -56,16 +56,14 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise LeanError(f"checkpoint {path} is not a file: pass the .pth file itself")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "global" in str(e).lower():
-            # A whole pickled model (CUDA-BEVFusion's bevfusion_ptq.pth) or something hostile:
-            # the restricted reader takes the first and refuses the second by name.
-            from lean.legacy import read_pickled_model
+    except pickle.UnpicklingError:
+        # Not a plain state dict: a whole pickled model (CUDA-BEVFusion's bevfusion_ptq.pth) or
+        # something hostile. The restricted reader takes the first and refuses the second by name.
+        from lean.legacy import read_pickled_model
 
-            ckpt = read_pickled_model(path)
-            ckpt.path = path
-            return ckpt
-        raise LeanError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)})") from None
+        ckpt = read_pickled_model(path)
+        ckpt.path = path
+        return ckpt
     except Exception as e:  # noqa: BLE001 - torch.load raises anything from IndexError to EOFError on junk
         raise LeanError(f"{path} is not a PyTorch checkpoint or is truncated ({_first_line(e)})") from None
     ckpt = checkpoint_from_object(obj, str(path))
