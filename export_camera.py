@@ -30,7 +30,10 @@ def parser() -> argparse.ArgumentParser:
     rig.add_argument("--backbone", choices=("resnet50", "swint"), default=None)
     rig.add_argument("--image-size", default=None, help="HxW network input, e.g. 256x704")
     rig.add_argument("--cameras", type=int, default=None, help="cameras per sample (default 6)")
-    rig.add_argument("--rebuild-frustum", action="store_true", help="derive the frustum for --image-size")
+    rig.add_argument("--xbound", default=None, help="BEV x range LOW,HIGH,STEP in metres (default -54,54,0.3)")
+    rig.add_argument("--ybound", default=None, help="BEV y range LOW,HIGH,STEP in metres (default -54,54,0.3)")
+    rig.add_argument("--rebuild-frustum", action="store_true",
+                     help="derive the frustum and BEV grid buffers for --image-size/--xbound/--ybound")
     check = p.add_argument_group("end-to-end check")
     check.add_argument("--check-bev", dest="check_bev", action="store_true", default=None,
                        help="compare the whole chain (ONNX + BEV pooling) with PyTorch (default: on)")
@@ -41,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(args) -> None:
-    from lean.config import parse_image_size
+    from lean.config import parse_bound, parse_image_size
     from lean.errors import LeanError
 
     if args.opset < 13:
@@ -52,6 +55,8 @@ def main(args) -> None:
         ckpt=args.ckpt, out_dir=args.out, fp16=args.fp16, opset=args.opset, device=args.device,
         simplify=args.simplify, data=args.data, backbone=args.backbone,
         image_size=parse_image_size(args.image_size) if args.image_size else None, cameras=args.cameras,
+        xbound=parse_bound(args.xbound, "xbound") if args.xbound else None,
+        ybound=parse_bound(args.ybound, "ybound") if args.ybound else None,
         rebuild_frustum=args.rebuild_frustum, check_bev=args.check_bev, plot=args.plot, log=log,
     )
     report = export_camera(opts)

@@ -125,3 +125,14 @@ def parse_image_size(text: str) -> tuple[int, int]:
         raise LeanError(f"image size {text!r} is not HxW, for example 256x704") from None
     CameraConfig(image_size=(h, w))  # the one-line size error before any work
     return h, w
+
+
+def parse_bound(text: str, name: str) -> tuple[float, float, float]:
+    """'-54,54,0.3' -> (-54.0, 54.0, 0.3), with a one-line error for anything else."""
+    try:
+        lo, hi, step = (float(v) for v in text.split(","))
+    except ValueError:
+        raise LeanError(f"--{name} {text!r} is not LOW,HIGH,STEP, for example -54,54,0.3") from None
+    if step <= 0 or hi <= lo:
+        raise LeanError(f"--{name} {text} is empty: need LOW < HIGH and STEP > 0")
+    return lo, hi, step

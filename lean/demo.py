@@ -64,11 +64,14 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Write the demo float checkpoint (untrained weights).")
     p.add_argument("--out", type=Path, default=Path("model/resnet50/bevfusion-det.pth"))
     p.add_argument("--data", type=Path, default=Path("example-data"))
+    p.add_argument("--backbone", choices=("resnet50", "swint"), default="resnet50", help="preset (default resnet50)")
     add_common(p)
 
     def main(args):
-        log(f"making demo float checkpoint {args.out} (UNTRAINED demo weights)")
-        make_demo_checkpoint(args.out, args.data)
+        from lean.config import preset
+
+        log(f"making demo float {args.backbone} checkpoint {args.out} (UNTRAINED demo weights)")
+        make_demo_checkpoint(args.out, args.data, preset(args.backbone))
         log(f"wrote {args.out}")
 
     sys.exit(run(main, parser=p))

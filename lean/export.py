@@ -48,6 +48,8 @@ class ExportOptions:
     backbone: str | None = None
     image_size: tuple[int, int] | None = None
     cameras: int | None = None
+    xbound: tuple[float, float, float] | None = None
+    ybound: tuple[float, float, float] | None = None
     rebuild_frustum: bool = False
     check_bev: bool | None = None  # None: on when the data has the rig's matrices
     plot: bool = False
@@ -121,23 +123,33 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_config(ckpt: Checkpoint, backbone=None, image_size=None, cameras=None, rebuild_frustum=False) -> CameraConfig:
-    """The checkpoint's own config (stored or inferred), with the user's overrides checked against it."""
+def resolve_config(ckpt: Checkpoint, backbone=None, image_size=None, cameras=None, rebuild_frustum=False,
+                   xbound=None, ybound=None) -> CameraConfig:
+    """The checkpoint's own config (stored or inferred), with the user's overrides checked against it.
+
+    Image size and BEV bounds only change derived buffers (frustum, dx/bx/nx), so a change is
+    allowed with ``rebuild_frustum``; anything else must match the weights.
+    """
     stored = ckpt.config or infer_config(ckpt.state_dict)
-    changes = {}
-    if cameras is not None:
-        changes["cameras"] = cameras
     if backbone is not None and backbone != stored.backbone:
         raise LeanError(f"--backbone {backbone} does not match the checkpoint, which holds a {stored.backbone} backbone")
-    if image_size is not None and tuple(image_size) != tuple(stored.image_size):
+    changes = {"cameras": cameras} if cameras is not None else {}
+    derived = {"image_size": image_size, "xbound": xbound, "ybound": ybound}
+    for key, value in derived.items():
+        if value is None or tuple(value) == tuple(getattr(stored, key)):
+            continue
         if not rebuild_frustum:
-            h, w = stored.image_size
+            have, want = (_fmt(key, v) for v in (getattr(stored, key), value))
             raise LeanError(
-                f"checkpoint frustum was made for {h}x{w}, not {image_size[0]}x{image_size[1]}: "
-                "pass --rebuild-frustum to derive it for the new size (the frustum is derived data)"
+                f"checkpoint's {'frustum' if key == 'image_size' else 'BEV grid'} was made for {key} {have}, "
+                f"not {want}: pass --rebuild-frustum to derive it for the new rig (it is derived data)"
             )
-        changes["image_size"] = tuple(image_size)
+        changes[key] = tuple(value)
     return stored.replace(**changes)
+
+
+def _fmt(key: str, value) -> str:
+    return "x".join(map(str, value)) if key == "image_size" else ",".join(f"{v:g}" for v in value)
 
 
 def build_model(ckpt: Checkpoint, cfg: CameraConfig, precision: str, rebuild_frustum: bool = False) -> torch.nn.Module:
@@ -146,7 +158,9 @@ def build_model(ckpt: Checkpoint, cfg: CameraConfig, precision: str, rebuild_fru
 
     sd = dict(ckpt.state_dict)
     if rebuild_frustum:
-        sd["vtransform.frustum"] = build_camera(cfg).vtransform.frustum
+        fresh = build_camera(cfg).vtransform
+        for name in ("frustum", "dx", "bx", "nx"):
+            sd[f"vtransform.{name}"] = getattr(fresh, name)
     if ckpt.kind == "ptq":
         if precision == "int8":
             return build_quantized(cfg, sd, ckpt.disabled_quantizers)
@@ -320,7 +334,8 @@ def _export_camera(opts: ExportOptions) -> ExportReport:
     ensure_writable(out_dir)
     with stages("load", f"reading checkpoint {opts.ckpt}"):
         ckpt = read_checkpoint(opts.ckpt)
-        cfg = resolve_config(ckpt, opts.backbone, opts.image_size, opts.cameras, opts.rebuild_frustum)
+        cfg = resolve_config(ckpt, opts.backbone, opts.image_size, opts.cameras, opts.rebuild_frustum,
+                             opts.xbound, opts.ybound)
         sample, img, depth = load_inputs(opts, cfg)
     with stages("build", f"building the {cfg.backbone} {precision.upper()} model on {device}"):
         model = build_model(ckpt, cfg, precision, opts.rebuild_frustum).to(device)

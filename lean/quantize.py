@@ -96,13 +96,15 @@ def quant_config(method: str = "mse", quantize_downsample: bool = False) -> dict
     act = {"num_bits": 8, "axis": None, "narrow_range": False}
     if method != "max":
         act["calibrator"] = "histogram"
-    entries = [
-        {"quantizer_name": "*", "enable": False},
-        {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": 0, "narrow_range": False}},
-        {"quantizer_name": "*input_quantizer", "cfg": act},
-        # Only convs (and linears) carry Q/DQ; TensorRT moves scales across pooling by itself.
-        {"quantizer_name": "*", "parent_class": "nn.MaxPool2d", "enable": False},
-    ]
+    weight = {"num_bits": 8, "axis": 0, "narrow_range": False}
+    entries = [{"quantizer_name": "*", "enable": False}]
+    # Only convs and linears carry Q/DQ: pooling, LayerNorm, GELU and softmax stay float, and
+    # TensorRT moves scales across pooling by itself.
+    for parent in ("nn.Conv2d", "nn.Linear"):
+        entries += [
+            {"quantizer_name": "*weight_quantizer", "parent_class": parent, "cfg": weight},
+            {"quantizer_name": "*input_quantizer", "parent_class": parent, "cfg": act},
+        ]
     if not quantize_downsample:
         entries.append({"quantizer_name": "vtransform.downsample.*", "enable": False})
     return {"quant_cfg": entries, "algorithm": None}
@@ -127,7 +129,7 @@ def insert_quantizers(model: nn.Module, method: str = "mse", quantize_downsample
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         model = mtq.quantize(model, cfg)
-    act_cfg = cfg["quant_cfg"][2]["cfg"]
+    act_cfg = cfg["quant_cfg"][2]["cfg"]  # the Conv2d input entry
     _place_residual_quantizers(model.backbone, act_cfg)
     _place_concat_quantizers(model, act_cfg)
     return model
