@@ -7,7 +7,7 @@ a rig with another camera count or image size is a config change, not a code cha
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lean.errors import LeanError
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import platform
 import time
 import warnings
@@ -152,6 +151,14 @@ def _fmt(key: str, value) -> str:
     return "x".join(map(str, value)) if key == "image_size" else ",".join(f"{v:g}" for v in value)
 
 
+def check_precision(ckpt: Checkpoint, precision: str) -> None:
+    if precision == "int8" and ckpt.kind != "ptq":
+        raise LeanError(
+            f"{ckpt.path} is a float checkpoint; INT8 needs calibrated scales: run "
+            f"`python -m lean.ptq --ckpt {ckpt.path}` first, or export FP16 with --fp16"
+        )
+
+
 def build_model(ckpt: Checkpoint, cfg: CameraConfig, precision: str, rebuild_frustum: bool = False) -> torch.nn.Module:
     from lean.models import build_camera
     from lean.quantize import build_quantized, fold_bn
@@ -168,11 +175,7 @@ def build_model(ckpt: Checkpoint, cfg: CameraConfig, precision: str, rebuild_fru
         model = fold_bn(build_camera(cfg))
         load_weights(model, {k: v for k, v in sd.items() if not k.endswith("._amax")}, "PTQ checkpoint")
         return model.eval()
-    if precision == "int8":
-        raise LeanError(
-            f"{ckpt.path} is a float checkpoint; INT8 needs calibrated scales: run "
-            f"`python -m lean.ptq --ckpt {ckpt.path}` first, or export FP16 with --fp16"
-        )
+    check_precision(ckpt, precision)
     model = build_camera(cfg)
     load_weights(model, sd, f"checkpoint {ckpt.path}")
     return fold_bn(model).eval()
@@ -336,13 +339,14 @@ def _export_camera(opts: ExportOptions) -> ExportReport:
         ckpt = read_checkpoint(opts.ckpt)
         cfg = resolve_config(ckpt, opts.backbone, opts.image_size, opts.cameras, opts.rebuild_frustum,
                              opts.xbound, opts.ybound)
+        check_precision(ckpt, precision)
         sample, img, depth = load_inputs(opts, cfg)
     with stages("build", f"building the {cfg.backbone} {precision.upper()} model on {device}"):
         model = build_model(ckpt, cfg, precision, opts.rebuild_frustum).to(device)
         img, depth = img.to(device), depth.to(device)
         with torch.no_grad():
             feature, weights = model(img, depth)
-            bev_in = _bev_input(model, sample, feature, weights, cfg)
+            bev_in = _bev_input(model, sample, feature, weights)
             bev_out = model.bev_downsample(bev_in)
 
     from lean.models import BackboneGraph, VTransformGraph
@@ -406,7 +410,7 @@ def _export_camera(opts: ExportOptions) -> ExportReport:
     return report
 
 
-def _bev_input(model, sample, feature, weights, cfg):
+def _bev_input(model, sample, feature, weights):
     """A realistic BEV map for the vtransform graph: the pooled output of the backbone graph."""
     from lean.bev import pool_to_bev
 

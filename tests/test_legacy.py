@@ -31,7 +31,7 @@ import lean.quantize
 from helpers import SMALL, sample_inputs
 from lean.checkpoint import infer_config, read_checkpoint, save_checkpoint
 from lean.errors import LeanError
-from lean.legacy import concat_levels, map_legacy_state_dict, quantizer_name, read_pickled_model
+from lean.legacy import concat_levels, map_legacy_state_dict, quantizer_name
 from lean.quantize import build_quantized
 
 

@@ -2,7 +2,6 @@
 
 import onnx
 import pytest
-import torch
 
 from lean.checkpoint import save_official
 from lean.config import CameraConfig

@@ -1,0 +1,117 @@
+"""``make bench``: export, floor, calibration, ONNX Runtime latency and BEV pooling, in one run.
+
+Writes bench/results/<machine>.json and that machine's table in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = {"export_wall_s": 20.0, "export_peak_rss_mb": 2500.0, "export_vs_floor": 1.3, "gpu_calibration_overhead": 0.25}
+
+
+def measure(*args) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "bench.measure", *map(str, args)], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"bench.measure {args[0]} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def machine_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return "cuda-" + torch.cuda.get_device_name().replace(" ", "-").lower()
+    return f"cpu-{os.cpu_count()}core-{platform.machine()}"
+
+
+def table(res: dict) -> str:
+    e8, e16, fl = res["export_int8"], res["export_fp16"], res["floor"]
+    cal = res["calibration"]
+    rows = [
+        "| measurement | figure | target |",
+        "|---|---|---|",
+        f"| INT8 export wall (from PTQ checkpoint) | {e8['wall_s']:.1f} s | < {TARGETS['export_wall_s']:.0f} s |",
+        f"| INT8 export peak RSS | {e8['peak_rss_mb']:.0f} MB | < {TARGETS['export_peak_rss_mb']:.0f} MB |",
+        f"| floor (bare export + onnxsim + ORT run + forward) | {fl['floor_s']:.1f} s (+{fl['import_s'] + fl['load_build_s']:.1f} s import/load) | |",
+        f"| INT8 export / floor (work stages) | {res['export_vs_floor']:.2f}x | < {TARGETS['export_vs_floor']} |",
+        f"| FP16 export wall | {e16['wall_s']:.1f} s | |",
+        f"| calibration | {cal['samples_per_s']:.2f} samples/s, overhead {cal['overhead'] * 100:.0f}% over a plain forward | GPU < 25% |",
+    ]
+    for name, lat in res["latency"].items():
+        fid = lat["vs_float_pytorch"]["camera_feature"]
+        rows.append(f"| ORT CPU latency, {name} backbone graph | {lat['median_s'] * 1000:.0f} ms (median of {lat['runs']}) | "
+                    f"cos {fid['cosine']:.4f}, max err {fid['max_abs_err']:.3g} vs float |")
+    if "bev_pool" in res:
+        rows.append(f"| BEV pooling, full size | {res['bev_pool']['seconds']:.2f} s, peak {res['bev_pool']['peak_rss_mb']:.0f} MB | a few s |")
+    stages = " / ".join(f"{k} {v:.1f}s" for k, v in e8["stages_s"].items())
+    return "\n".join(rows) + f"\n\nINT8 export by stage: {stages}\n"
+
+
+def update_markdown(name: str, device_text: str, text: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    doc = path.read_text() if path.exists() else "# Benchmarks\n\nReproduce with `make bench` (CPU) or `.venv/bin/python -m bench --device cuda`.\n"
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    block = f"{start}\n## {name}\n\n{device_text}\n\n{text}{end}"
+    if start in doc:
+        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip() + "\n\n" + block + "\n"
+    from lean.io import write_text
+
+    write_text(path, doc)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--ckpt", default="model/resnet50int8/bevfusion_ptq.pth")
+    p.add_argument("--float-ckpt", default="model/resnet50/bevfusion-det.pth")
+    p.add_argument("--data", default="example-data")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    args = p.parse_args()
+    name = machine_name(args.device)
+    res = {"machine": name, "device": args.device}
+    with tempfile.TemporaryDirectory() as tmp:
+        out8, out16 = Path(tmp) / "int8", Path(tmp) / "fp16"
+        print("export INT8 ...", file=sys.stderr)
+        res["export_int8"] = measure("export", args.ckpt, out8, args.data, "int8", args.device)
+        print("export FP16 ...", file=sys.stderr)
+        res["export_fp16"] = measure("export", args.ckpt, out16, args.data, "fp16", args.device)
+        print("floor ...", file=sys.stderr)
+        res["floor"] = measure("floor", args.ckpt, args.data, args.device)
+        work = {k: v for k, v in res["export_int8"]["stages_s"].items() if k not in ("import", "check_bev")}
+        res["export_vs_floor"] = (sum(work.values())) / (res["floor"]["floor_s"] + res["floor"]["load_build_s"])
+        print("calibration ...", file=sys.stderr)
+        res["calibration"] = measure("calibration", args.float_ckpt, args.data, args.device)
+        print("ONNX Runtime latency ...", file=sys.stderr)
+        res["latency"] = measure("latency", json.dumps({"FP32 (for FP16 engines)": str(out16), "INT8 Q/DQ": str(out8)}),
+                                 args.data, args.ckpt)
+    if args.device == "cpu":
+        from bench.bev_pool import run as bev_pool
+
+        res["bev_pool"] = bev_pool()
+    import torch
+
+    device_text = (f"Device: {torch.cuda.get_device_name()}" if args.device == "cuda"
+                   else f"Device: CPU, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
+    device_text += f"; torch {torch.__version__}, Python {platform.python_version()}."
+    from lean.io import write_text
+
+    write_text(ROOT / "bench" / "results" / f"{name}.json", json.dumps(res, indent=2) + "\n")
+    text = table(res)
+    update_markdown(name, device_text, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

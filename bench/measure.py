@@ -1,0 +1,158 @@
+"""One measurement per process, so each peak RSS is its own: ``python -m bench.measure WHAT ARGS``.
+
+Prints one JSON object on the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+
+from bench.bev_pool import _rss_mb  # noqa: E402
+
+
+def export(ckpt: str, out: str, data: str, precision: str, device: str) -> dict:
+    """The real export, split by stage, with the peak RSS reached by the end of each stage."""
+    t0 = time.perf_counter()
+    import torch  # noqa: F401  (import time is part of the job)
+
+    from lean.export import ExportOptions, export_camera
+
+    rss = {}
+
+    def log(msg):  # called as each stage starts: the peak so far belongs to the stages before
+        rss[msg] = _rss_mb()
+
+    report = export_camera(ExportOptions(ckpt=Path(ckpt), out_dir=Path(out), data=Path(data), fp16=precision == "fp16",
+                                         device=device, log=log))
+    wall = time.perf_counter() - t0
+    stages = dict(report.stages)
+    stages["import"] = wall - sum(stages.values())
+    return {"precision": precision, "device": device, "wall_s": wall, "stages_s": stages, "peak_rss_mb": _rss_mb(),
+            "max_error": {g.file: g.max_error for g in report.graphs}}
+
+
+def floor(ckpt: str, data: str, device: str) -> dict:
+    """The least the same job can cost: one bare torch.onnx.export, one onnxsim call, one ORT run
+    and one PyTorch forward of the same INT8 model on the same inputs, in one process."""
+    t0 = time.perf_counter()
+    import io
+
+    import onnx
+    import onnxsim
+    import torch
+
+    from lean.checkpoint import read_checkpoint
+    from lean.export import ExportOptions, build_model, load_inputs, ort_session, resolve_config
+    from lean.models import BackboneGraph
+
+    t_import = time.perf_counter() - t0
+    ckpt_ = read_checkpoint(ckpt)
+    cfg = resolve_config(ckpt_)
+    _, img, depth = load_inputs(ExportOptions(ckpt=Path(ckpt), data=Path(data)), cfg)
+    model = build_model(ckpt_, cfg, "int8").to(device)
+    img, depth = img.to(device), depth.to(device)
+    t_load = time.perf_counter() - t0 - t_import
+    times = {}
+    t = time.perf_counter()
+    with torch.no_grad():
+        model(img, depth)
+    times["forward"] = time.perf_counter() - t
+    t = time.perf_counter()
+    buf = io.BytesIO()
+    torch.onnx.export(BackboneGraph(model), (img, depth), buf, opset_version=13, input_names=["img", "depth"],
+                      output_names=["camera_feature", "camera_depth_weights"], dynamo=False)
+    times["torch.onnx.export"] = time.perf_counter() - t
+    t = time.perf_counter()
+    simplified, _ = onnxsim.simplify(onnx.load_from_string(buf.getvalue()))
+    times["onnxsim"] = time.perf_counter() - t
+    path = Path(ckpt).with_suffix(".floor.onnx")
+    onnx.save(simplified, str(path))
+    t = time.perf_counter()
+    ort_session(path).run(None, {"img": img.cpu().numpy(), "depth": depth.cpu().numpy()})
+    times["ort"] = time.perf_counter() - t
+    path.unlink()
+    return {"device": device, "import_s": t_import, "load_build_s": t_load, "work_s": times,
+            "floor_s": sum(times.values()), "peak_rss_mb": _rss_mb()}
+
+
+def calibration(ckpt: str, data: str, device: str, batches: int = 4) -> dict:
+    """PTQ calibration throughput against a plain float forward on the same data and device."""
+    import torch
+
+    from lean.checkpoint import load_weights, read_checkpoint
+    from lean.export import ExportOptions, load_inputs, resolve_config
+    from lean.models import build_camera
+    from lean.quantize import calibrate, fold_bn, insert_quantizers
+
+    ck = read_checkpoint(ckpt)
+    cfg = resolve_config(ck)
+    _, img, depth = load_inputs(ExportOptions(ckpt=Path(ckpt), data=Path(data)), cfg)
+    img, depth = img.to(device), depth.to(device)
+    model = build_camera(cfg)
+    load_weights(model, ck.state_dict)
+    model = fold_bn(model).to(device)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        model(img, depth)  # warm-up
+        sync()
+        t = time.perf_counter()
+        for _ in range(batches):
+            model(img, depth)
+        sync()
+        plain = (time.perf_counter() - t) / batches
+    insert_quantizers(model, "mse")
+    t = time.perf_counter()
+    calibrate(model, [(img, depth)] * batches, "mse")
+    sync()
+    calib = (time.perf_counter() - t) / batches
+    return {"device": device, "batches": batches, "plain_forward_s": plain, "calibration_s_per_batch": calib,
+            "samples_per_s": 1.0 / calib, "overhead": calib / plain - 1.0}
+
+
+def latency(onnx_dir: str, data: str, ckpt: str, runs: int = 5) -> dict:
+    """ONNX Runtime CPU latency of each graph and its fidelity against the float PyTorch model."""
+    import torch
+
+    from lean.checkpoint import read_checkpoint
+    from lean.export import ExportOptions, build_model, compare, load_inputs, ort_session, resolve_config
+
+    ck = read_checkpoint(ckpt)
+    cfg = resolve_config(ck)
+    _, img, depth = load_inputs(ExportOptions(ckpt=Path(ckpt), data=Path(data)), cfg)
+    with torch.no_grad():
+        ref = build_model(ck, cfg, "fp16")(img, depth)  # the float model of the same folded weights
+    feeds = {"img": img.numpy(), "depth": depth.numpy()}
+    out = {}
+    import onnxruntime as ort
+
+    for name, folder in json.loads(onnx_dir).items():
+        path = Path(folder) / "camera.backbone.onnx"
+        got = ort_session(path).run(None, feeds)  # fidelity: the graph's own semantics
+        # Latency: ORT's defaults, as a CPU user would run it (int8 kernels for Q/DQ).
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session.run(None, feeds)  # warm-up
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            session.run(None, feeds)
+            times.append(time.perf_counter() - t)
+        fidelity = {k: {m: v for m, v in compare(g, r, "fp32").items() if m in ("max_abs_err", "cosine")}
+                    for k, g, r in zip(("camera_feature", "camera_depth_weights"), got, ref)}
+        out[name] = {"median_s": statistics.median(times), "runs": runs, "vs_float_pytorch": fidelity}
+    return out
+
+
+if __name__ == "__main__":
+    what, *args = sys.argv[1:]
+    print(json.dumps({"export": export, "floor": floor, "calibration": calibration, "latency": latency}[what](*args)))
