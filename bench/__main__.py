@@ -19,7 +19,7 @@ TARGETS = {"export_wall_s": 20.0, "export_peak_rss_mb": 2500.0, "export_vs_floor
 
 
 def measure(*args) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     r = subprocess.run([sys.executable, "-m", "bench.measure", *map(str, args)], cwd=ROOT, env=env,
                        capture_output=True, text=True)
     if r.returncode:
