@@ -82,7 +82,7 @@ def floor(ckpt: str, data: str, device: str) -> dict:
             "floor_s": sum(times.values()), "peak_rss_mb": _rss_mb()}
 
 
-def calibration(ckpt: str, data: str, device: str, batches: int = 4) -> dict:
+def calibration(ckpt: str, data: str, device: str, method: str = "mse", batches: int = 4) -> dict:
     """PTQ calibration throughput against a plain float forward on the same data and device."""
     import torch
 
@@ -111,12 +111,12 @@ def calibration(ckpt: str, data: str, device: str, batches: int = 4) -> dict:
             model(img, depth)
         sync()
         plain = (time.perf_counter() - t) / batches
-    insert_quantizers(model, "mse")
+    insert_quantizers(model, method)
     t = time.perf_counter()
-    calibrate(model, [(img, depth)] * batches, "mse")
+    calibrate(model, [(img, depth)] * batches, method)
     sync()
     calib = (time.perf_counter() - t) / batches
-    return {"device": device, "batches": batches, "plain_forward_s": plain, "calibration_s_per_batch": calib,
+    return {"device": device, "method": method, "batches": batches, "plain_forward_s": plain, "calibration_s_per_batch": calib,
             "samples_per_s": 1.0 / calib, "overhead": calib / plain - 1.0}
 
 
