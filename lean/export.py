@@ -93,6 +93,7 @@ class ExportReport:
         }
 
 
+
 class Stages:
     """Wall time per named stage, with a progress line as each starts."""
 
@@ -403,7 +404,6 @@ def _export_camera(opts: ExportOptions) -> ExportReport:
                     backbone_out["camera_feature"], backbone_out["camera_depth_weights"], temps[1], model, sample,
                     bev_out, graph_precision, out_dir if opts.plot else None,
                 )
-        report.facts["stages_seconds"] = stages.times
         report_tmp = pending.enter_context(atomic_path(out_dir / "report.json"))
         report_tmp.write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
         # Everything validated: leaving the block renames the report and both files into place.

@@ -15,3 +15,11 @@ def sample_inputs(cfg, seed=0):
     img = torch.randn(b, n, 3, h, w, generator=g)
     depth = torch.rand(b, n, 1, h, w, generator=g) * 50 * (torch.rand(b, n, 1, h, w, generator=g) > 0.97)
     return img, depth
+
+
+def onnx_io(path) -> dict[str, list[int]]:
+    """Input and output names of an ONNX file with their static shapes."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in list(graph.input) + list(graph.output)}

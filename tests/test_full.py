@@ -6,20 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import onnx
 import pytest
 
 from lean.export import BACKBONE_FILE, VTRANSFORM_FILE, ExportOptions, export_camera
 
+from helpers import onnx_io
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.full
-
-
-def shapes(path):
-    model = onnx.load(str(path))
-    def dims(v):
-        return [d.dim_value for d in v.type.tensor_type.shape.dim]
-    return {v.name: dims(v) for v in list(model.graph.input) + list(model.graph.output)}
 
 
 def run(*args):
@@ -42,10 +36,10 @@ def test_int8_main_job(tmp_path, checkpoints, example_dir):
     out = tmp_path / "onnx_int8"
     r = run("export_camera.py", "--ckpt", checkpoints[1], "--out", out, "--data", example_dir)
     assert "camera.backbone.onnx" in r.stdout and "BEV map" in r.stdout
-    assert shapes(out / BACKBONE_FILE) == {
+    assert onnx_io(out / BACKBONE_FILE) == {
         "img": [1, 6, 3, 256, 704], "depth": [1, 6, 1, 256, 704],
         "camera_feature": [6, 32, 88, 80], "camera_depth_weights": [6, 118, 32, 88]}
-    assert shapes(out / VTRANSFORM_FILE) == {"feat_in": [1, 80, 360, 360], "feat_out": [1, 80, 180, 180]}
+    assert onnx_io(out / VTRANSFORM_FILE) == {"feat_in": [1, 80, 360, 360], "feat_out": [1, 80, 180, 180]}
     report = json.loads((out / "report.json").read_text())
     assert report["checkpoint"]["meta"]["calibration"]["method"] == "mse"
     assert report["files"][BACKBONE_FILE]["qdq_pairs"] >= 126 and report["bev_check"]["ok"]
@@ -62,11 +56,11 @@ def test_fp16_main_job(tmp_path, checkpoints, example_dir):
 def test_five_cameras_full_size(tmp_path, checkpoints, example_dir):
     export_camera(ExportOptions(ckpt=checkpoints[0], out_dir=tmp_path, data=example_dir, fp16=True, cameras=5,
                                 check_bev=False))
-    assert shapes(tmp_path / BACKBONE_FILE)["camera_depth_weights"] == [5, 118, 32, 88]
+    assert onnx_io(tmp_path / BACKBONE_FILE)["camera_depth_weights"] == [5, 118, 32, 88]
 
 
 def test_384x1056_full_size(tmp_path, checkpoints, example_dir):
     export_camera(ExportOptions(ckpt=checkpoints[0], out_dir=tmp_path, data=example_dir, fp16=True,
                                 image_size=(384, 1056), rebuild_frustum=True, check_bev=False))
-    s = shapes(tmp_path / BACKBONE_FILE)
+    s = onnx_io(tmp_path / BACKBONE_FILE)
     assert s["img"] == [1, 6, 3, 384, 1056] and s["camera_feature"] == [6, 48, 132, 80]

@@ -11,12 +11,7 @@ from lean.errors import LeanError
 from lean.export import BACKBONE_FILE, VTRANSFORM_FILE, ExportOptions, export_camera
 from lean.ptq import run_ptq
 
-
-def io_shapes(path):
-    model = onnx.load(str(path))
-    def dims(v):
-        return [d.dim_value for d in v.type.tensor_type.shape.dim]
-    return {v.name: dims(v) for v in list(model.graph.input) + list(model.graph.output)}
+from helpers import onnx_io
 
 
 def float_ckpt(tmp_path, example_dir, cfg):
@@ -65,7 +60,7 @@ def test_five_cameras(tmp_path, example_dir):
     cfg = CameraConfig(cameras=5, image_size=(64, 176))
     ckpt = float_ckpt(tmp_path, example_dir, cfg)
     export_camera(ExportOptions(ckpt=ckpt, out_dir=tmp_path / "o", data=example_dir, cameras=5, fp16=True))
-    shapes = io_shapes(tmp_path / "o" / BACKBONE_FILE)
+    shapes = onnx_io(tmp_path / "o" / BACKBONE_FILE)
     assert shapes["img"] == [1, 5, 3, 64, 176] and shapes["camera_feature"] == [5, 8, 22, 80]
 
 
@@ -77,7 +72,7 @@ def test_other_image_size_needs_rebuild_then_follows(tmp_path, example_dir, smal
     # 96x264 has the ratio of 384x1056: the stand-in of the big rig in the fast tests.
     export_camera(ExportOptions(ckpt=small_float_ckpt, out_dir=tmp_path, data=example_dir, cameras=2, fp16=True,
                                 image_size=(96, 264), rebuild_frustum=True))
-    shapes = io_shapes(tmp_path / BACKBONE_FILE)
+    shapes = onnx_io(tmp_path / BACKBONE_FILE)
     assert shapes["img"] == [1, 2, 3, 96, 264]
     assert shapes["camera_feature"] == [2, 12, 33, 80] and shapes["camera_depth_weights"] == [2, 118, 12, 33]
 
@@ -89,7 +84,7 @@ def test_bev_grid_from_flags(tmp_path, example_dir, small_float_ckpt):
                                     xbound=grid, ybound=grid))
     export_camera(ExportOptions(ckpt=small_float_ckpt, out_dir=tmp_path, data=example_dir, cameras=2, fp16=True,
                                 xbound=grid, ybound=grid, rebuild_frustum=True))
-    assert io_shapes(tmp_path / VTRANSFORM_FILE) == {"feat_in": [1, 80, 256, 256], "feat_out": [1, 80, 128, 128]}
+    assert onnx_io(tmp_path / VTRANSFORM_FILE) == {"feat_in": [1, 80, 256, 256], "feat_out": [1, 80, 128, 128]}
 
 
 def test_backbone_flag_must_match_the_checkpoint(tmp_path, example_dir, small_float_ckpt):
