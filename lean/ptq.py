@@ -61,7 +61,7 @@ def run_ptq(ckpt_path: Path, out: Path, data: Path, method: str = "mse", batches
         for folder in itertools.islice(itertools.cycle(folders), batches):
             s = load_example(folder, image_size=cfg.image_size, cameras=cfg.cameras)
             depth = depth_image(s.points, s.lidar2image, s.img_aug_matrix, cfg.image_size)
-            yield s.img.to(dev), depth.to(dev)
+            yield s.img.to(dev), depth.to(dev), s
 
     bar = _progress(batches, f"calibrating ({method})", progress)
     t = time.perf_counter()

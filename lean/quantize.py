@@ -182,15 +182,26 @@ def quantizer_names(model: nn.Module) -> dict[str, list[str]]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, method: str = "mse", progress=None) -> int:
-    """Collect statistics over ``batches`` of (img, depth) and load every quantizer's amax."""
+    """Collect statistics over ``batches`` of (img, depth[, sample]) and load every quantizer's amax.
+
+    With a sample (its rig matrices), a quantized BEV downsample is calibrated on the pooled BEV
+    of the same batch, as the runtime feeds it.
+    """
     qs = list(quantizers(model).values())
     device = next(model.parameters()).device
     for q in qs:
         q.disable_quant()
         q.enable_calib()
+    downsample_quantized = any(n.startswith("vtransform.downsample.") for n in quantizers(model))
     seen = 0
-    for img, depth in batches:
-        model(img, depth)
+    for img, depth, *sample in batches:
+        feature, weights = model(img, depth)
+        if downsample_quantized:
+            if not sample:
+                raise LeanError("calibrating a quantized BEV downsample needs the samples' rig matrices")
+            from lean.bev import pool_to_bev
+
+            model.bev_downsample(pool_to_bev(feature, weights, sample[0], model))
         seen += 1
         if progress is not None:
             progress(seen)

@@ -140,3 +140,14 @@ def test_a_wrong_scale_fails_validation(int8, tmp_path, example_dir):
     with pytest.raises(LeanError):
         validate(broken, inputs, reference, "int8")
 
+
+
+def test_quantized_downsample_exports_with_qdq(tmp_path, small_float_ckpt, example_dir):
+    from lean.ptq import run_ptq
+
+    ckpt = tmp_path / "ptq_ds.pth"
+    run_ptq(small_float_ckpt, ckpt, example_dir, "max", progress=False, log=lambda m: None, cameras=2,
+            quantize_downsample=True)
+    report = export(ckpt, tmp_path / "o", example_dir)
+    vt = next(g for g in report.graphs if g.file == VTRANSFORM_FILE)
+    assert vt.qdq_pairs == 6 and all(o["ok"] for o in vt.outputs.values())  # 3 convs: input + weight
