@@ -22,7 +22,7 @@ WARMUP = 1
 RUNS = 5
 
 
-def _rss_mb() -> float:
+def peak_rss_mb() -> float:
     # ru_maxrss is KiB on Linux, bytes on macOS.
     scale = 1024 * 1024 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
@@ -43,7 +43,7 @@ def run(runs: int = RUNS) -> dict:
     kept = int(((idx >= 0) & (idx < nx)).all(-1).sum())
     del idx
 
-    baseline = _rss_mb()
+    baseline = peak_rss_mb()
     for _ in range(WARMUP):
         bev_pool(geom, weights, features, dx, bx, nx)
     times = []
@@ -52,7 +52,7 @@ def run(runs: int = RUNS) -> dict:
         bev = bev_pool(geom, weights, features, dx, bx, nx)
         times.append(time.perf_counter() - start)
     assert bev.shape == (1, cfg.bev_channels, *cfg.bev_grid[:2])
-    peak = _rss_mb()
+    peak = peak_rss_mb()
     return {
         "name": "bev_pool",
         "seconds": statistics.median(times),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
-from bench.bev_pool import _rss_mb  # noqa: E402
+from bench.bev_pool import peak_rss_mb  # noqa: E402
 
 
 def export(ckpt: str, out: str, data: str, precision: str, device: str) -> dict:
@@ -27,14 +27,14 @@ def export(ckpt: str, out: str, data: str, precision: str, device: str) -> dict:
     rss = {}
 
     def log(msg):  # called as each stage starts: the peak so far belongs to the stages before
-        rss[msg] = _rss_mb()
+        rss[msg] = peak_rss_mb()
 
     report = export_camera(ExportOptions(ckpt=Path(ckpt), out_dir=Path(out), data=Path(data), fp16=precision == "fp16",
                                          device=device, log=log))
     wall = time.perf_counter() - t0
     stages = dict(report.stages)
     stages["import"] = wall - sum(stages.values())
-    return {"precision": precision, "device": device, "wall_s": wall, "stages_s": stages, "peak_rss_mb": _rss_mb(),
+    return {"precision": precision, "device": device, "wall_s": wall, "stages_s": stages, "peak_rss_mb": peak_rss_mb(),
             "max_error": {g.file: g.max_error for g in report.graphs}}
 
 
@@ -79,7 +79,7 @@ def floor(ckpt: str, data: str, device: str) -> dict:
     times["ort"] = time.perf_counter() - t
     path.unlink()
     return {"device": device, "import_s": t_import, "load_build_s": t_load, "work_s": times,
-            "floor_s": sum(times.values()), "peak_rss_mb": _rss_mb()}
+            "floor_s": sum(times.values()), "peak_rss_mb": peak_rss_mb()}
 
 
 def calibration(ckpt: str, data: str, device: str, method: str = "mse", batches: int = 4) -> dict:

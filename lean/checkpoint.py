@@ -43,10 +43,6 @@ class Checkpoint:
     def sha256(self) -> str | None:
         return sha256(self.path) if self.path else None
 
-    @property
-    def amax(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict.items() if k.endswith("._amax")}
-
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)

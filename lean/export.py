@@ -161,20 +161,21 @@ def check_precision(ckpt: Checkpoint, precision: str) -> None:
 
 
 def build_model(ckpt: Checkpoint, cfg: CameraConfig, precision: str, rebuild_frustum: bool = False) -> torch.nn.Module:
+    from lean.geometry import create_frustum, voxel_grid
     from lean.models import build_camera
-    from lean.quantize import build_quantized, fold_bn
+    from lean.quantize import build_quantized, fold_bn, split_amax
 
     sd = dict(ckpt.state_dict)
     if rebuild_frustum:
-        fresh = build_camera(cfg).vtransform
-        for name in ("frustum", "dx", "bx", "nx"):
-            sd[f"vtransform.{name}"] = getattr(fresh, name)
+        derived = dict(zip(("dx", "bx", "nx"), voxel_grid(cfg.xbound, cfg.ybound, cfg.zbound)))
+        derived["frustum"] = create_frustum(cfg.image_size, cfg.feature_size, cfg.dbound)
+        sd.update({f"vtransform.{k}": v for k, v in derived.items()})
     if ckpt.kind == "ptq":
         if precision == "int8":
             return build_quantized(cfg, sd, ckpt.disabled_quantizers)
         # FP16 engines need no scales: the float graph of the same folded weights.
         model = fold_bn(build_camera(cfg))
-        load_weights(model, {k: v for k, v in sd.items() if not k.endswith("._amax")}, "PTQ checkpoint")
+        load_weights(model, split_amax(sd)[0], "PTQ checkpoint")
         return model.eval()
     check_precision(ckpt, precision)
     model = build_camera(cfg)

@@ -31,7 +31,6 @@ def calibration_folders(data: Path) -> list[Path]:
 def run_ptq(ckpt_path: Path, out: Path, data: Path, method: str = "mse", batches: int | None = None,
             device: str = "auto", quantize_downsample: bool = False, progress: bool = True, log=log,
             cameras: int | None = None) -> dict:
-
     from lean import __version__
     from lean.checkpoint import load_weights, read_checkpoint, save_checkpoint
     from lean.data import load_example

@@ -129,7 +129,7 @@ def insert_quantizers(model: nn.Module, method: str = "mse", quantize_downsample
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         model = mtq.quantize(model, cfg)
-    act_cfg = cfg["quant_cfg"][2]["cfg"]  # the Conv2d input entry
+    act_cfg = next(e["cfg"] for e in cfg["quant_cfg"] if e["quantizer_name"] == "*input_quantizer")
     _place_residual_quantizers(model.backbone, act_cfg)
     _place_concat_quantizers(model, act_cfg)
     return model
@@ -187,12 +187,13 @@ def calibrate(model: nn.Module, batches: Iterable, method: str = "mse", progress
     With a sample (its rig matrices), a quantized BEV downsample is calibrated on the pooled BEV
     of the same batch, as the runtime feeds it.
     """
-    qs = list(quantizers(model).values())
+    named = quantizers(model)
+    qs = list(named.values())
     device = next(model.parameters()).device
     for q in qs:
         q.disable_quant()
         q.enable_calib()
-    downsample_quantized = any(n.startswith("vtransform.downsample.") for n in quantizers(model))
+    downsample_quantized = any(n.startswith("vtransform.downsample.") for n in named)
     seen = 0
     for img, depth, *sample in batches:
         feature, weights = model(img, depth)
@@ -271,19 +272,24 @@ def load_amax(model: nn.Module, amax: dict[str, torch.Tensor], disabled: Iterabl
         )
 
 
+def split_amax(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(weights, quantizer amax) of a PTQ state dict."""
+    amax = {k: v for k, v in state_dict.items() if k.endswith("._amax")}
+    return {k: v for k, v in state_dict.items() if k not in amax}, amax
+
+
 def build_quantized(cfg, state_dict: dict[str, torch.Tensor], disabled: Iterable[str] = (), quantize_downsample=None):
     """Model from a PTQ checkpoint: build float, fold BN, insert quantizers, load amax and weights."""
     from lean.checkpoint import load_weights
     from lean.models import build_camera
 
-    amax = {k: v for k, v in state_dict.items() if k.endswith("._amax")}
-    weights = {k: v for k, v in state_dict.items() if not k.endswith("._amax")}
+    weights, amax = split_amax(state_dict)
     if quantize_downsample is None:
         quantize_downsample = any(k.startswith("vtransform.downsample.") for k in amax)
     model = fold_bn(build_camera(cfg))
     model = insert_quantizers(model, "max", quantize_downsample)  # calibrator kind is moot: amax is loaded
     load_amax(model, amax, disabled)
-    loaded = {k: v for k, v in model.state_dict().items() if k.endswith("._amax")}
+    _, loaded = split_amax(model.state_dict())
     load_weights(model, {**weights, **loaded}, "PTQ checkpoint")
     use_native_fake_quant(model)
     return model.eval()
