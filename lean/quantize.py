@@ -55,24 +55,15 @@ NATIVE_BACKEND = "lean-native"
 
 
 def native_fake_quant(inputs: torch.Tensor, quantizer) -> torch.Tensor:
-    """INT8 fake quantization with PyTorch's own ops, registered as a ModelOpt quant backend.
+    """ModelOpt quant backend that runs ``lean.qdq.fake_quant``, the exported model's own arithmetic.
 
     ModelOpt's default kernel JIT-compiles a CUDA extension on its first GPU call (about a
-    minute) and traces to a custom symbolic; PyTorch's fake-quant ops run on any device at once
-    and trace straight to QuantizeLinear/DequantizeLinear. Scales are taken out as constants so
-    the exported graph holds plain initializers, not arithmetic on amax.
+    minute); this runs on any device at once, and a calibrated ModelOpt model computes exactly
+    what the model rebuilt from its checkpoint computes.
     """
-    amax = quantizer.amax.detach().float().flatten().cpu()
-    # amax 0 (a channel that is all zero) gets scale 1 as ModelOpt's exporter does.
-    scales = [a / 127.0 if a > 0 else 1.0 for a in amax.tolist()]
-    x = inputs.float()
-    if len(scales) == 1:
-        out = torch.fake_quantize_per_tensor_affine(x, scales[0], 0, -128, 127)
-    else:
-        scale = torch.tensor(scales, dtype=torch.float32, device=x.device)
-        zero = torch.zeros(len(scales), dtype=torch.int32, device=x.device)
-        out = torch.fake_quantize_per_channel_affine(x, scale, zero, quantizer.axis, -128, 127)
-    return out.to(inputs.dtype)
+    from lean.qdq import fake_quant, int8_scale
+
+    return fake_quant(inputs, int8_scale(quantizer.amax), quantizer.axis)
 
 
 def _register_backend() -> None:
@@ -247,49 +238,3 @@ def mse_amax(hist, edges, start_bin: int = 128, chunk: int = 256) -> torch.Tenso
         if best_err is None or err[i] < best_err:
             best_err, best = err[i], part[i]
     return best.float()
-
-
-def load_amax(model: nn.Module, amax: dict[str, torch.Tensor], disabled: Iterable[str] = ()) -> None:
-    """Set every quantizer's amax from a checkpoint; a quantizer without one is an error."""
-    disabled = set(disabled)
-    missing = []
-    for first, names in quantizer_names(model).items():
-        q = model.get_submodule(first)
-        if any(n in disabled for n in names):
-            q.disable()
-            continue
-        value = next((amax[f"{n}._amax"] for n in names if f"{n}._amax" in amax), None)
-        if value is None:
-            missing.append(first)
-            continue
-        q.amax = value.float()
-        q.disable_calib()
-        q.enable_quant()
-    if missing:
-        raise LeanError(
-            f"PTQ checkpoint lacks amax for {len(missing)} quantizers (first: {', '.join(missing[:3])}): "
-            "re-run PTQ (`python -m lean.ptq`) with this version"
-        )
-
-
-def split_amax(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    """(weights, quantizer amax) of a PTQ state dict."""
-    amax = {k: v for k, v in state_dict.items() if k.endswith("._amax")}
-    return {k: v for k, v in state_dict.items() if k not in amax}, amax
-
-
-def build_quantized(cfg, state_dict: dict[str, torch.Tensor], disabled: Iterable[str] = (), quantize_downsample=None):
-    """Model from a PTQ checkpoint: build float, fold BN, insert quantizers, load amax and weights."""
-    from lean.checkpoint import load_weights
-    from lean.models import build_camera
-
-    weights, amax = split_amax(state_dict)
-    if quantize_downsample is None:
-        quantize_downsample = any(k.startswith("vtransform.downsample.") for k in amax)
-    model = fold_bn(build_camera(cfg))
-    model = insert_quantizers(model, "max", quantize_downsample)  # calibrator kind is moot: amax is loaded
-    load_amax(model, amax, disabled)
-    _, loaded = split_amax(model.state_dict())
-    load_weights(model, {**weights, **loaded}, "PTQ checkpoint")
-    use_native_fake_quant(model)
-    return model.eval()

@@ -32,7 +32,7 @@ from helpers import SMALL, sample_inputs
 from lean.checkpoint import infer_config, read_checkpoint, save_checkpoint
 from lean.errors import LeanError
 from lean.legacy import concat_levels, map_legacy_state_dict, quantizer_name
-from lean.quantize import build_quantized
+from lean.qdq import build_quantized
 
 
 STANDIN_CLASSES: list[type] = []

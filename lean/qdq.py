@@ -1,0 +1,161 @@
+"""The INT8 model of a PTQ checkpoint, as the exporter traces it: fixed-scale Q/DQ, no ModelOpt.
+
+Calibration (``lean.quantize``) runs ModelOpt; what it leaves in the checkpoint is one amax per
+quantizer under ModelOpt's names (``<conv>.input_quantizer._amax``, ``<block>.residual_quantizer._amax``,
+...). Exporting needs nothing else, so the model is rebuilt from those values with the small
+modules below. That keeps ModelOpt's import (about 6 s and 450 MB here) and its module machinery
+out of the export, and every Q/DQ pair traces to exactly one QuantizeLinear -> DequantizeLinear.
+
+The checkpoint decides the placement: a quantizer exists wherever it holds an amax. The recipe
+itself (which tensors get one, which share a scale) lives in ``lean.quantize``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lean.errors import LeanError
+
+QMIN, QMAX = -128, 127  # ONNX QuantizeLinear int8 has no narrow range
+# Identity placeholders of the float model that PTQ turns into quantizers.
+_PLACEHOLDER = re.compile(r"(.*\.)?(residual_quantizer|quant_concat\d+)")
+
+
+def int8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """Float32 scale ``amax / 127`` (flattened); a channel with amax 0 gets scale 1, as ModelOpt's exporter does."""
+    amax = amax.detach().float().flatten()
+    return torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Symmetric INT8 quantize-dequantize with QuantizeLinear's arithmetic: round(x / s) half to even, saturate."""
+    if axis is None:
+        s = scale.reshape(())
+    else:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        s = scale.reshape(shape)
+    s = s.to(device=x.device, dtype=torch.float32)
+    # New tensor from the division, then in place: four passes instead of fake_quantize's mask work.
+    return torch.div(x.float(), s).round_().clamp_(QMIN, QMAX).mul_(s).to(x.dtype)
+
+
+class _QuantizeDequantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, axis):
+        return fake_quant(x, scale, axis)
+
+    @staticmethod
+    def symbolic(g, x, scale, axis):
+        zero = torch.zeros(() if axis is None else scale.type().sizes(), dtype=torch.int8)
+        zero = g.op("Constant", value_t=zero)
+        kwargs = {} if axis is None else {"axis_i": axis}
+        q = g.op("QuantizeLinear", x, scale, zero, **kwargs)
+        return g.op("DequantizeLinear", q, scale, zero, **kwargs)
+
+
+class QDQ(nn.Module):
+    """A calibrated quantizer: per-tensor (``axis=None``) or per-channel INT8 with a fixed amax.
+
+    The scale is computed once here, so the traced graph holds it as a plain initializer.
+    """
+
+    def __init__(self, amax: torch.Tensor, axis: int | None = None):
+        super().__init__()
+        self.axis = axis
+        scale = int8_scale(amax)
+        self.register_buffer("scale", scale.reshape(()) if axis is None else scale, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _QuantizeDequantize.apply(x, self.scale, self.axis)
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}, channels={self.scale.numel()}"
+
+
+class QuantConv2d(nn.Conv2d):
+    """Conv2d reading Q/DQ'd input and weight (either may be Identity when a source disabled it)."""
+
+    input_quantizer: nn.Module
+    weight_quantizer: nn.Module
+
+    def forward(self, x):
+        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantLinear(nn.Linear):
+    input_quantizer: nn.Module
+    weight_quantizer: nn.Module
+
+    def forward(self, x):
+        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+_QUANT_CLASS = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+
+
+def attach_quantizers(model: nn.Module, amax: dict[str, torch.Tensor], disabled: Iterable[str] = ()) -> nn.Module:
+    """Put a ``QDQ`` wherever ``amax`` (``<quantizer>._amax`` -> tensor) has one, in place.
+
+    Convs and linears get input and weight quantizers, the residual and concat placeholders get
+    theirs; quantizers named in ``disabled`` stay float even with an amax. An amax with no such place, or a layer with only one of its two quantizers (unless
+    the source disabled the other), is a user error: the checkpoint is not from this model.
+    """
+    disabled = set(disabled)
+    wanted = {k[: -len("._amax")]: v for k, v in amax.items()}
+    wanted = {k: v for k, v in wanted.items() if k not in disabled}
+    placed = set()
+    half = []
+    for name, module in list(model.named_modules()):
+        prefix = f"{name}." if name else ""
+        if type(module) in _QUANT_CLASS:
+            names = (f"{prefix}input_quantizer", f"{prefix}weight_quantizer")
+            found = [n in wanted for n in names]
+            if not any(found):
+                continue
+            if not all(found) and not any(n in disabled for n, f in zip(names, found) if not f):
+                half.append(names[found.index(False)])
+            module.__class__ = _QUANT_CLASS[type(module)]
+            module.input_quantizer = QDQ(wanted[names[0]]) if found[0] else nn.Identity()
+            module.weight_quantizer = QDQ(wanted[names[1]], axis=0) if found[1] else nn.Identity()
+            placed.update(n for n, f in zip(names, found) if f)
+        for child_name, child in list(module.named_children()):
+            full = prefix + child_name
+            if isinstance(child, nn.Identity) and _PLACEHOLDER.fullmatch(full) and full in wanted:
+                setattr(module, child_name, QDQ(wanted[full]))
+                placed.add(full)
+    stray = sorted(set(wanted) - placed)
+    if stray:
+        raise LeanError(
+            f"PTQ checkpoint has amax for {len(stray)} quantizers this model has no place for "
+            f"(first: {', '.join(stray[:3])}): is it for another backbone or version?"
+        )
+    if half:
+        raise LeanError(
+            f"PTQ checkpoint lacks amax for {len(half)} quantizers (first: {', '.join(half[:3])}): "
+            "re-run PTQ (`python -m lean.ptq`) with this version"
+        )
+    return model
+
+
+def split_amax(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(weights, quantizer amax) of a PTQ state dict."""
+    amax = {k: v for k, v in state_dict.items() if k.endswith("._amax")}
+    return {k: v for k, v in state_dict.items() if k not in amax}, amax
+
+
+def build_quantized(cfg, state_dict: dict[str, torch.Tensor], disabled: Iterable[str] = ()) -> nn.Module:
+    """The INT8 model of a PTQ state dict: float model, BN folded, Q/DQ from the amax, weights loaded."""
+    from lean.checkpoint import load_weights
+    from lean.models import build_camera
+    from lean.quantize import fold_bn
+
+    weights, amax = split_amax(state_dict)
+    model = fold_bn(build_camera(cfg))
+    load_weights(model, weights, "PTQ checkpoint")
+    return attach_quantizers(model, amax, disabled).eval()

@@ -1,0 +1,111 @@
+import io
+import subprocess
+import sys
+
+import onnx
+import pytest
+import torch
+
+from lean.errors import LeanError
+from lean.models import build_camera
+from lean.qdq import QDQ, build_quantized, fake_quant, int8_scale
+from lean.quantize import calibrate, fold_bn, insert_quantizers
+
+from helpers import SMALL, sample_inputs
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """A ModelOpt-calibrated model (the PTQ side) of the small config."""
+    torch.manual_seed(0)
+    model = insert_quantizers(fold_bn(build_camera(SMALL)), "max")
+    calibrate(model, [sample_inputs(SMALL, seed) for seed in range(2)], "max")
+    return model
+
+
+def test_rebuilt_model_computes_what_the_modelopt_model_computes(calibrated):
+    rebuilt = build_quantized(SMALL, calibrated.state_dict())
+    assert not any(type(m).__module__.startswith("modelopt") for m in rebuilt.modules())
+    img, depth = sample_inputs(SMALL, seed=7)
+    with torch.no_grad():
+        for a, b in zip(calibrated(img, depth), rebuilt(img, depth)):
+            assert torch.equal(a, b)
+        bev = torch.randn(1, 80, 360, 360)
+        assert torch.equal(calibrated.bev_downsample(bev), rebuilt.bev_downsample(bev))
+
+
+def test_placement_follows_the_checkpoint(calibrated):
+    rebuilt = build_quantized(SMALL, calibrated.state_dict())
+    qdq = {n for n, m in rebuilt.named_modules() if isinstance(m, QDQ)}
+    amax = {k[: -len("._amax")] for k in calibrated.state_dict() if k.endswith("._amax")}
+    assert qdq == amax
+    assert isinstance(rebuilt.backbone.layer1[1].residual_quantizer, QDQ)
+    assert isinstance(rebuilt.neck.quant_concat0, QDQ)
+    assert not any(isinstance(m, QDQ) for m in rebuilt.vtransform.downsample.modules())
+    assert rebuilt.backbone.conv1.weight_quantizer.scale.shape == (64,)
+    assert rebuilt.backbone.conv1.input_quantizer.scale.shape == ()
+
+
+def test_missing_amax_is_a_one_line_error(calibrated):
+    sd = {k: v for k, v in calibrated.state_dict().items() if "layer2.1.conv2.input_quantizer" not in k}
+    with pytest.raises(LeanError) as e:
+        build_quantized(SMALL, sd)
+    assert "layer2.1.conv2.input_quantizer" in str(e.value) and "\n" not in str(e.value)
+    # ... unless the source disabled that quantizer: then the conv reads float input.
+    model = build_quantized(SMALL, sd, disabled=["backbone.layer2.1.conv2.input_quantizer"])
+    assert isinstance(model.backbone.layer2[1].conv2.input_quantizer, torch.nn.Identity)
+
+
+def test_amax_without_a_place_is_a_one_line_error(calibrated):
+    sd = dict(calibrated.state_dict())
+    sd["backbone.layer9.0.conv1.input_quantizer._amax"] = torch.tensor(1.0)
+    with pytest.raises(LeanError) as e:
+        build_quantized(SMALL, sd)
+    assert "layer9.0.conv1.input_quantizer" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fake_quant_is_quantize_linear_arithmetic():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 5, 6, generator=g) * 3
+    amax = torch.tensor([2.0, 0.0, 5.0, 1e-3])
+    scale = int8_scale(amax)
+    assert scale.tolist() == pytest.approx([2 / 127, 1.0, 5 / 127, 1e-3 / 127])
+    got = fake_quant(x, scale, axis=1)
+    s = scale.reshape(1, -1, 1, 1)
+    want = torch.clamp(torch.round(x / s), -128, 127) * s
+    assert torch.equal(got, want)
+    # PyTorch's own op agrees up to a tie rounded the other way (x * (1/s) against x / s).
+    ref = torch.fake_quantize_per_channel_affine(x, scale, torch.zeros(4, dtype=torch.int32), 1, -128, 127)
+    assert ((got - ref).abs() / s).max() <= 1.0 + 1e-5
+    # Ties go to even, as QuantizeLinear rounds.
+    ties = torch.tensor([0.5, 1.5, 2.5, -0.5]) * 0.25
+    assert (fake_quant(ties, torch.tensor(0.25), None) / 0.25).tolist() == [0.0, 2.0, 2.0, 0.0]
+
+
+def test_qdq_traces_to_one_quantize_dequantize_pair():
+    conv = torch.nn.Conv2d(3, 4, 3)
+    layer = torch.nn.Sequential(QDQ(torch.tensor(2.0)), conv)
+    buf = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(layer, (torch.randn(1, 3, 8, 8),), buf, opset_version=13, dynamo=False)
+    graph = onnx.load_from_string(buf.getvalue()).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1
+    consts = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    consts.update({i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer})
+    q = next(n for n in graph.node if n.op_type == "QuantizeLinear")
+    assert consts[q.input[1]].item() == pytest.approx(2 / 127) and consts[q.input[2]].dtype.name == "int8"
+
+
+def test_export_does_not_import_modelopt(small_ptq_ckpt, example_dir, tmp_path):
+    """The export builds its INT8 model from the checkpoint's amax alone."""
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom lean.export import ExportOptions, export_camera\n"
+        f"export_camera(ExportOptions(ckpt=Path({str(small_ptq_ckpt)!r}), out_dir=Path({str(tmp_path)!r}), "
+        f"data=Path({str(example_dir)!r}), check_bev=False))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('modelopt')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "camera.backbone.onnx").exists()
+
