@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+EXPORT_RUNS = 3  # the INT8 export is timed this many times; the median run is reported
 TARGETS = {"export_wall_s": 20.0, "export_peak_rss_mb": 2500.0, "export_vs_floor": 1.3, "gpu_calibration_overhead": 0.25}
 
 
@@ -47,16 +48,23 @@ def table(res: dict) -> str:
     rows = [
         "| measurement | figure | target |",
         "|---|---|---|",
-        f"| INT8 export wall (from PTQ checkpoint) | {e8['wall_s']:.1f} s | < {TARGETS['export_wall_s']:.0f} s |",
-        f"| INT8 export peak RSS | {e8['peak_rss_mb']:.0f} MB | < {TARGETS['export_peak_rss_mb']:.0f} MB |",
+        f"| INT8 export wall (from PTQ checkpoint), median of {len(e8.get('runs_wall_s', [0]))} | {e8['wall_s']:.1f} s "
+        f"(runs: {', '.join(f'{w:.1f}' for w in e8.get('runs_wall_s', [e8['wall_s']]))}) | < {TARGETS['export_wall_s']:.0f} s |",
+        f"| INT8 export peak RSS (highest run) | {max(e8.get('runs_peak_rss_mb', [e8['peak_rss_mb']])):.0f} MB | < {TARGETS['export_peak_rss_mb']:.0f} MB |",
         f"| floor (bare export + onnxsim + ORT run + forward) | {fl['floor_s']:.1f} s (+{fl['import_s'] + fl['load_build_s']:.1f} s import/load) | |",
         f"| INT8 export / floor (whole process each) | {res['export_vs_floor']:.2f}x | < {TARGETS['export_vs_floor']} |",
         f"| FP16 export wall | {e16['wall_s']:.1f} s | |",
-        f"| calibration (mse, histogram) | {cal['samples_per_s']:.2f} samples/s, overhead {cal['overhead'] * 100:.0f}% over a plain forward | GPU < 25% |",
     ]
-    if "calibration_max" in res:
-        cm = res["calibration_max"]
-        rows.append(f"| calibration (max) | {cm['samples_per_s']:.2f} samples/s, overhead {cm['overhead'] * 100:.0f}% | |")
+    for key, method in (("calibration", "mse, histogram"), ("calibration_max", "max")):
+        if key in res:
+            c = res[key]
+            first = f"; first batch {c['first_batch_s']:.2f} s incl. setup" if "first_batch_s" in c else ""
+            if "overhead_vs_graphed" in c:
+                first += (f"; {c['overhead_vs_graphed'] * 100:+.0f}% against the plain forward as a CUDA graph "
+                          f"({c['graphed_plain_forward_s'] * 1000:.1f} ms)")
+            rows.append(f"| calibration ({method}), per batch of 6 images | {c['samples_per_s']:.2f} samples/s, "
+                        f"overhead {c['overhead'] * 100:.0f}% over a plain forward ({c['plain_forward_s'] * 1000:.1f} ms){first} "
+                        f"| {'GPU < 25%' if key == 'calibration' else ''} |")
     for name, lat in res["latency"].items():
         fid = lat["vs_float_pytorch"]["camera_feature"]
         rows.append(f"| ORT CPU latency, {name} backbone graph | {lat['median_s'] * 1000:.0f} ms (median of {lat['runs']}) | "
@@ -104,16 +112,23 @@ def main() -> None:
     res = {"machine": name, "device": args.device}
     with tempfile.TemporaryDirectory() as tmp:
         out8, out16 = Path(tmp) / "int8", Path(tmp) / "fp16"
-        print("export INT8 ...", file=sys.stderr)
-        res["export_int8"] = measure("export", args.ckpt, out8, args.data, "int8", args.device)
+        runs = []
+        for i in range(EXPORT_RUNS):
+            print(f"export INT8 ({i + 1}/{EXPORT_RUNS}) ...", file=sys.stderr)
+            runs.append(measure("export", args.ckpt, out8, args.data, "int8", args.device))
+        res["export_int8"] = dict(sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2])  # the median run
+        res["export_int8"]["runs_wall_s"] = [r["wall_s"] for r in runs]
+        res["export_int8"]["runs_peak_rss_mb"] = [r["peak_rss_mb"] for r in runs]
         print("export FP16 ...", file=sys.stderr)
         res["export_fp16"] = measure("export", args.ckpt, out16, args.data, "fp16", args.device)
         print("floor ...", file=sys.stderr)
         res["floor"] = measure("floor", args.ckpt, args.data, args.device)
         res["export_vs_floor"] = export_vs_floor(res)
         print("calibration ...", file=sys.stderr)
-        res["calibration"] = measure("calibration", args.float_ckpt, args.data, args.device, "mse")
-        res["calibration_max"] = measure("calibration", args.float_ckpt, args.data, args.device, "max")
+        # A CPU forward takes seconds: fewer batches there.
+        batches = 8 if args.device == "cuda" else 2
+        res["calibration"] = measure("calibration", args.float_ckpt, args.data, args.device, "mse", batches)
+        res["calibration_max"] = measure("calibration", args.float_ckpt, args.data, args.device, "max", batches)
         print("ONNX Runtime latency ...", file=sys.stderr)
         res["latency"] = measure("latency", json.dumps({"FP32 (for FP16 engines)": str(out16), "INT8 Q/DQ": str(out8)}),
                                  args.data, args.ckpt)

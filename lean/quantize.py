@@ -23,7 +23,6 @@ from torch import nn
 from lean.errors import LeanError
 
 CALIBRATION_METHODS = ("mse", "entropy", "percentile", "max")
-PERCENTILE = 99.99
 
 
 def fold_bn(model: nn.Module) -> nn.Module:
@@ -172,69 +171,126 @@ def quantizer_names(model: nn.Module) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable, method: str = "mse", progress=None) -> int:
+def calibrate(model: nn.Module, batches: Iterable, method: str = "mse", progress=None, cuda_graph: bool = True) -> int:
     """Collect statistics over ``batches`` of (img, depth[, sample]) and load every quantizer's amax.
+
+    Weights are calibrated once, from the weights (per-channel max). Activations are collected by
+    ``lean.calib.RangeCollector`` in ModelOpt's quantizers (``entropy`` keeps ModelOpt's own
+    histogram calibrator), with no host sync. On CUDA the first batch runs eagerly and the
+    forward is then captured as a CUDA graph and replayed for every later batch of the same
+    shape, which removes the Python cost of ~200 quantizer calls per forward. Histograms run on
+    a side stream beside the convolutions (on the H100: mse 19.7 -> 11.3 ms a batch; max, which
+    only reduces, is faster without: 5.3 against 9.6 ms).
 
     With a sample (its rig matrices), a quantized BEV downsample is calibrated on the pooled BEV
     of the same batch, as the runtime feeds it.
     """
+    from lean.calib import RangeCollector
+
     named = quantizers(model)
-    qs = list(named.values())
+    weight_qs = {n: q for n, q in named.items() if n.endswith("weight_quantizer")}
+    act_qs = [q for n, q in named.items() if n not in weight_qs]
     device = next(model.parameters()).device
-    for q in qs:
+    for name, q in weight_qs.items():
         q.disable_quant()
         q.enable_calib()
+        q(model.get_submodule(name.rsplit(".", 1)[0]).weight)
+        q.load_calib_amax()
+        q.disable_calib()
+        q.enable_quant()
+        q.disable()  # out of the data loop, which runs the float model
+    own = method != "entropy"
+    histogram = method not in ("max", "entropy")
+    stream = torch.cuda.Stream(device) if histogram and device.type == "cuda" else None
+    for q in act_qs:
+        if own:
+            q._calibrator = RangeCollector(histogram=histogram, stream=stream)
+        q.disable_quant()
+        q.enable_calib()
+
+    def join():  # the statistics of this forward are part of it (and of its CUDA graph)
+        if stream is not None:
+            torch.cuda.current_stream(device).wait_stream(stream)
+
+    def forward(img, depth):
+        out = model(img, depth)
+        join()
+        return out
+
     downsample_quantized = any(n.startswith("vtransform.downsample.") for n in named)
+    captured = None
     seen = 0
     for img, depth, *sample in batches:
-        feature, weights = model(img, depth)
+        if captured is not None and captured.fits(img, depth):
+            feature, weights = captured(img, depth)
+        else:
+            feature, weights = _first_forward(forward, img, depth)
+            if captured is None and own and cuda_graph and device.type == "cuda":
+                captured = _CapturedForward.capture(forward, img, depth)
         if downsample_quantized:
             if not sample:
                 raise LeanError("calibrating a quantized BEV downsample needs the samples' rig matrices")
             from lean.bev import pool_to_bev
 
             model.bev_downsample(pool_to_bev(feature, weights, sample[0], model))
+            join()
         seen += 1
         if progress is not None:
             progress(seen)
     if seen == 0:
         raise LeanError("calibration got no data: pass a folder with at least one sample")
-    for q in qs:
-        kind = type(q._calibrator).__name__
-        if kind == "HistogramCalibrator" and method == "mse":
-            q.amax = mse_amax(q._calibrator._calib_hist, q._calibrator._calib_bin_edges).to(device)
-        elif kind == "HistogramCalibrator":
-            kwargs = {"percentile": PERCENTILE} if method == "percentile" else {}
-            q.load_calib_amax(method=method, **kwargs)
+    for q in act_qs:
+        if own:
+            q.amax = q._calibrator.compute_amax(method).to(device)
         else:
-            q.load_calib_amax()
+            q.load_calib_amax(method=method)
         q.enable_quant()
         q.disable_calib()
+    for q in weight_qs.values():
+        q.enable()
     use_native_fake_quant(model)
     return seen
 
 
-def mse_amax(hist, edges, start_bin: int = 128, chunk: int = 256) -> torch.Tensor:
-    """amax minimizing the histogram-weighted MSE of INT8 [-128, 127] fake quantization.
+def _first_forward(forward, img, depth):
+    """An eager forward; on CUDA on a fresh stream, which also warms up what a graph capture needs."""
+    if img.device.type != "cuda":
+        return forward(img, depth)
+    stream = torch.cuda.Stream(img.device)
+    stream.wait_stream(torch.cuda.current_stream(img.device))
+    with torch.cuda.stream(stream):
+        out = forward(img, depth)
+    torch.cuda.current_stream(img.device).wait_stream(stream)
+    return out
 
-    The search is pytorch-quantization's (every bin centre from ``start_bin`` on is a candidate).
-    ModelOpt 0.47's own ``compute_amax("mse")`` passes ``num_bits`` into the ``bias`` slot of its
-    fake-quant call and returns a wrong amax, and it loops in Python over ~2000 candidates, so
-    the search is done here, vectorized, on the histogram ModelOpt collected.
-    """
-    if hist is None or edges is None:
-        raise LeanError("a quantizer saw no data during calibration: the calibration data never reached it")
-    # ModelOpt keeps numpy histograms on CPU and torch ones on the GPU (with CPU bin edges).
-    counts = torch.as_tensor(hist).detach().cpu().double().flatten()
-    edges = torch.as_tensor(edges).detach().cpu().double().flatten()
-    centers = (edges[1:] + edges[:-1]) / 2
-    candidates = centers[min(start_bin, len(centers) - 1) :]
-    best_err, best = None, None
-    for part in candidates.split(chunk):
-        scale = 127.0 / part[:, None]
-        fq = torch.clamp(torch.round(centers[None] * scale), -128, 127) / scale
-        err = ((fq - centers[None]) ** 2 * counts[None]).sum(1)
-        i = int(err.argmin())
-        if best_err is None or err[i] < best_err:
-            best_err, best = err[i], part[i]
-    return best.float()
+
+class _CapturedForward:
+    """One calibration forward captured as a CUDA graph: each replay runs the same kernels on
+    new input data, collectors included (they update their statistics in place)."""
+
+    def __init__(self, graph, img, depth, outputs):
+        self.graph, self.img, self.depth, self.outputs = graph, img, depth, outputs
+
+    @classmethod
+    def capture(cls, forward, img, depth):
+        static_img, static_depth = img.clone(), depth.clone()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                outputs = forward(static_img, static_depth)
+        except Exception as e:  # noqa: BLE001 - capture is an optimization; calibrate eagerly instead
+            warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); calibrating without it")
+            return None
+        return cls(graph, static_img, static_depth, outputs)
+
+    def fits(self, img, depth) -> bool:
+        return all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                   for a, b in ((img, self.img), (depth, self.depth)))
+
+    def __call__(self, img, depth):
+        self.img.copy_(img)
+        self.depth.copy_(depth)
+        self.graph.replay()
+        return self.outputs
+
+
