@@ -1,5 +1,7 @@
 """One measurement per process, so each peak RSS is its own: ``python -m bench.measure WHAT ARGS``.
 
+The export itself is measured as users run it, through ``export_camera.py`` (bench/__main__.py).
+
 Prints one JSON object on the last line of stdout.
 """
 
@@ -15,27 +17,6 @@ from pathlib import Path
 warnings.filterwarnings("ignore")
 
 from bench.bev_pool import peak_rss_mb  # noqa: E402
-
-
-def export(ckpt: str, out: str, data: str, precision: str, device: str) -> dict:
-    """The real export, split by stage, with the peak RSS reached by the end of each stage."""
-    t0 = time.perf_counter()
-    import torch  # noqa: F401  (import time is part of the job)
-
-    from lean.export import ExportOptions, export_camera
-
-    rss = {}
-
-    def log(msg):  # called as each stage starts: the peak so far belongs to the stages before
-        rss[msg] = peak_rss_mb()
-
-    report = export_camera(ExportOptions(ckpt=Path(ckpt), out_dir=Path(out), data=Path(data), fp16=precision == "fp16",
-                                         device=device, log=log))
-    wall = time.perf_counter() - t0
-    stages = dict(report.stages)
-    stages["import"] = wall - sum(stages.values())
-    return {"precision": precision, "device": device, "wall_s": wall, "stages_s": stages, "peak_rss_mb": peak_rss_mb(),
-            "max_error": {g.file: g.max_error for g in report.graphs}}
 
 
 def floor(ckpt: str, data: str, device: str) -> dict:
@@ -193,4 +174,4 @@ def latency(onnx_dir: str, data: str, ckpt: str, runs: int = 5) -> dict:
 
 if __name__ == "__main__":
     what, *args = sys.argv[1:]
-    print(json.dumps({"export": export, "floor": floor, "calibration": calibration, "latency": latency}[what](*args)))
+    print(json.dumps({"floor": floor, "calibration": calibration, "latency": latency}[what](*args)))

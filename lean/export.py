@@ -28,11 +28,13 @@ BACKBONE_FILE = "camera.backbone.onnx"
 VTRANSFORM_FILE = "camera.vtransform.onnx"
 FP32_RTOL = 1e-4  # max abs error / max abs reference, FP32 graph against PyTorch
 # INT8 graphs: one float rounding difference before a quantizer flips a value by one step, and
-# the flip spreads through every later layer. PyTorch against itself with 1 instead of 2 threads
-# already differs by up to 11 steps of the output range (cosine 0.9953) on the demo ResNet50, and
-# ONNX Runtime by up to 14 (cosine 0.9865). The bounds sit above that noise and far below what a
-# wrong scale, axis or missing Q/DQ gives (tests/test_export.py breaks one scale to prove it).
-INT8_STEPS = 24.0  # max abs error in steps of the output's own INT8 range (max |ref| / 127)
+# the flip spreads through every later layer, so the max error is heavy-tailed and machine
+# dependent: PyTorch against itself with 1 instead of 2 threads differs by up to 11 steps of the
+# output range (cosine 0.9953) on the demo ResNet50; ONNX Runtime by 14 (cosine 0.9865) here, and
+# the small test model on a 16-core GPU machine by 25 (cosine 0.983). Cosine is the main test; the
+# step bound only catches a gross local error. One activation scale x4 in layer3 gives 32 steps
+# but cosine 0.960, and fails (tests/test_export.py).
+INT8_STEPS = 48.0  # max abs error in steps of the output's own INT8 range (max |ref| / 127)
 INT8_MIN_COSINE = 0.97
 
 
