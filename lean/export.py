@@ -175,12 +175,9 @@ def build_model(ckpt: Checkpoint, cfg: CameraConfig, precision: str, rebuild_fru
         derived["frustum"] = create_frustum(cfg.image_size, cfg.feature_size, cfg.dbound)
         sd.update({f"vtransform.{k}": v for k, v in derived.items()})
     if ckpt.kind == "ptq":
-        if precision == "int8":
-            return build_quantized(cfg, sd, ckpt.disabled_quantizers)
-        # FP16 engines need no scales: the float graph of the same folded weights.
-        model = fold_bn(build_camera(cfg))
-        load_weights(model, split_amax(sd)[0], "PTQ checkpoint")
-        return model.eval()
+        # FP16 engines need no scales: without the amax, the same build gives the float graph of
+        # the same folded weights.
+        return build_quantized(cfg, sd if precision == "int8" else split_amax(sd)[0], ckpt.disabled_quantizers)
     check_precision(ckpt, precision)
     model = build_camera(cfg)
     load_weights(model, sd, f"checkpoint {ckpt.path}")

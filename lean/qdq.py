@@ -103,8 +103,9 @@ def attach_quantizers(model: nn.Module, amax: dict[str, torch.Tensor], disabled:
     """Put a ``QDQ`` wherever ``amax`` (``<quantizer>._amax`` -> tensor) has one, in place.
 
     Convs and linears get input and weight quantizers, the residual and concat placeholders get
-    theirs; quantizers named in ``disabled`` stay float even with an amax. An amax with no such place, or a layer with only one of its two quantizers (unless
-    the source disabled the other), is a user error: the checkpoint is not from this model.
+    theirs; quantizers named in ``disabled`` stay float even with an amax. An amax with no such
+    place, or a layer with only one of its two quantizers (unless the source disabled the other),
+    is a user error: the checkpoint is not from this model.
     """
     disabled = set(disabled)
     wanted = {k[: -len("._amax")]: v for k, v in amax.items()}

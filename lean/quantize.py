@@ -179,8 +179,9 @@ def calibrate(model: nn.Module, batches: Iterable, method: str = "mse", progress
     histogram calibrator), with no host sync. On CUDA the first batch runs eagerly and the
     forward is then captured as a CUDA graph and replayed for every later batch of the same
     shape, which removes the Python cost of ~200 quantizer calls per forward. Histograms run on
-    a side stream beside the convolutions (on the H100: mse 19.7 -> 11.3 ms a batch; max, which
-    only reduces, is faster without: 5.3 against 9.6 ms).
+    a side stream beside the convolutions (on the H100, warmed up: mse 81.9 -> 18.3 ms a batch);
+    ``max`` only reduces and showed no clear difference (10.2 against 9.8 ms), so it stays on the
+    current stream.
 
     With a sample (its rig matrices), a quantized BEV downsample is calibrated on the pooled BEV
     of the same batch, as the runtime feeds it.
