@@ -1,8 +1,7 @@
-"""The float camera branch end to end in PyTorch: lidar depth image -> backbone -> BEV pooling
--> BEV downsample, the reference the exported ONNX files (plus the runtime's pooling) must match.
+"""The runtime's step between the two graphs: backbone outputs -> camera BEV map.
 
-``pool_to_bev`` is the middle step alone, so backbone outputs from ONNX Runtime can be pooled
-exactly as the PyTorch ones are.
+The same function pools PyTorch's backbone outputs (for the vtransform's reference input) and
+ONNX Runtime's (for the end-to-end check), so the two chains differ only by the graphs.
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from lean.errors import LeanError
-from lean.geometry import bev_pool, depth_image, frustum_geometry
+from lean.geometry import bev_pool, frustum_geometry
 
 
 def _buffers(model_or_vtransform):
@@ -40,19 +39,3 @@ def pool_to_bev(features_nhwc, depth_weights, sample, model_or_vtransform) -> to
     weights = torch.as_tensor(depth_weights, device=device)
     return bev_pool(geom, weights, features, dx, bx, nx)
 
-
-@torch.no_grad()
-def camera_bev(model, sample) -> torch.Tensor:
-    """The float camera branch on one sample -> camera BEV [1, C, X/2, Y/2]."""
-    cfg = model.cfg
-    img = sample.img
-    expected = (cfg.cameras, 3, *cfg.image_size)
-    if img.dim() != 5 or tuple(img.shape[1:]) != expected:
-        raise LeanError(
-            f"sample images have shape {list(img.shape)} but the model expects [1, {cfg.cameras}, 3, "
-            f"{cfg.image_size[0]}, {cfg.image_size[1]}]: load the sample with the model's image size and camera count"
-        )
-    depth = depth_image(sample.points, sample.lidar2image, sample.img_aug_matrix, cfg.image_size)
-    features, weights = model(img, depth)
-    bev = pool_to_bev(features, weights, sample, model)
-    return model.bev_downsample(bev)

@@ -4,21 +4,26 @@ Accepted inputs, all read with ``torch.load(weights_only=True)`` (nothing in a f
 - an official BEVFusion training checkpoint: ``{"state_dict": {"encoders.camera.*": ..., "encoders.lidar.*": ...}}``;
 - a bare state dict with the same keys (with or without the ``encoders.camera.`` prefix);
 - the project's own format (float or PTQ), which adds the config and metadata;
-- CUDA-BEVFusion's pickled whole model, through the restricted reader in ``lean.legacy``.
+- CUDA-BEVFusion's pickled whole model, through the restricted reader (``lean.pickled``).
+
+State dicts with pytorch-quantization names (``*._input_quantizer._amax``; CUDA-BEVFusion's)
+are renamed to ours here (``map_legacy_state_dict``), whichever way they were read.
 """
 
 from __future__ import annotations
 
 import functools
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lean.config import CameraConfig
-from lean.errors import LeanError
+from lean.errors import LeanError, first_line
 from lean.io import atomic_path, sha256
+from lean.pickled import PickledModel, read_pickled_model
 
 PREFIX = "encoders.camera."
 FORMAT = "lean.camera"
@@ -55,14 +60,14 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     except pickle.UnpicklingError:
         # Not a plain state dict: a whole pickled model (CUDA-BEVFusion's bevfusion_ptq.pth) or
         # something hostile. The restricted reader takes the first and refuses the second by name.
-        from lean.legacy import read_pickled_model
-
-        ckpt = read_pickled_model(path)
-        ckpt.path = path
-        return ckpt
+        obj = read_pickled_model(path)
     except Exception as e:  # noqa: BLE001 - torch.load raises anything from IndexError to EOFError on junk
-        raise LeanError(f"{path} is not a PyTorch checkpoint or is truncated ({_first_line(e)})") from None
-    ckpt = checkpoint_from_object(obj, str(path))
+        raise LeanError(f"{path} is not a PyTorch checkpoint or is truncated ({first_line(e)})") from None
+    if isinstance(obj, PickledModel):
+        meta = {"legacy": {"quantizers": obj.quantizers, "shared": obj.shared}}
+        ckpt = map_legacy_state_dict(obj.tensors, source="cuda-bevfusion-pickle", disabled=obj.disabled, meta=meta)
+    else:
+        ckpt = checkpoint_from_object(obj, str(path))
     ckpt.path = path
     return ckpt
 
@@ -84,8 +89,6 @@ def checkpoint_from_object(obj, name: str) -> Checkpoint:
         sd = camera_tensors(obj, name)
         source = "state-dict"
     if any(k.endswith("_amax") for k in sd):
-        from lean.legacy import map_legacy_state_dict
-
         return map_legacy_state_dict(sd, source=f"cuda-bevfusion-{source}")
     return Checkpoint(sd, "float", source, meta=obj.get("meta", {}) if isinstance(obj.get("meta"), dict) else {})
 
@@ -190,6 +193,68 @@ def save_official(path, state_dict: dict, meta: dict | None = None) -> None:
         torch.save(obj, tmp)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
+
+# -- pytorch-quantization names -> ours ---------------------------------------------------------
+_CONCAT = re.compile(r"(.*\.)?quant_concat(\d+)\._input_quantizer")
+_NECK_CONCAT_AMAX = re.compile(r"neck\.quant_concat(\d+)\._input_quantizer\._amax")
+
+
+def map_legacy_state_dict(sd: dict[str, torch.Tensor], source: str = "cuda-bevfusion-state-dict",
+                          disabled=(), meta: dict | None = None) -> Checkpoint:
+    """Camera tensors with pytorch-quantization names (prefix already stripped) -> our PTQ layout.
+
+    ``X._input_quantizer._amax`` -> ``X.input_quantizer._amax``, ``X._weight_quantizer._amax`` ->
+    ``X.weight_quantizer._amax``, ``neck.quant_concatJ._input_quantizer._amax`` -> ``neck.quant_concatI._amax``
+    (see ``concat_levels``), residual quantizers and weights unchanged. Amax of quantizers the source
+    disabled is dropped and their names go to ``disabled_quantizers``; other quantizer internals
+    (clip values, ...) are dropped, everything else is kept for the strict weight load to judge.
+    """
+    levels = concat_levels(sd)
+    off = {quantizer_name(q, levels) for q in disabled}
+    out = {}
+    for key, value in sd.items():
+        if key.endswith("._amax"):
+            ours = quantizer_name(key[: -len("._amax")], levels)
+            if ours not in off:
+                out[ours + "._amax"] = value
+        elif not any(p.endswith("_quantizer") or re.fullmatch(r"quant_concat\d+", p) for p in key.split(".")[:-1]):
+            out[key] = value
+    kind = "ptq" if any(k.endswith("._amax") for k in out) or off else "float"
+    return Checkpoint(out, kind, source, meta=meta or {}, disabled_quantizers=tuple(sorted(off)))
+
+
+def quantizer_name(name: str, levels: dict[int, int] | None = None) -> str:
+    """Our name of a pytorch-quantization quantizer path."""
+    m = _CONCAT.fullmatch(name)
+    if m:
+        j = int(m.group(2))
+        return f"{m.group(1) or ''}quant_concat{(levels or {}).get(j, j)}"
+    for theirs, ours in (("._input_quantizer", ".input_quantizer"), ("._weight_quantizer", ".weight_quantizer")):
+        if name.endswith(theirs):
+            return name[: -len(theirs)] + ours
+    return name
+
+
+def concat_levels(sd: dict[str, torch.Tensor]) -> dict[int, int]:
+    """Their concat index -> the neck level it serves (our index).
+
+    CUDA-BEVFusion's patched neck forward walks the levels top-down and numbers the concats in
+    that order: ``quant_concat0`` serves the top level, ours serve level i. The concat of a level
+    shares its quantizer with that level's lateral conv input, so equal amax identifies the
+    level; without that evidence the top-down numbering is assumed.
+    """
+    amax = {int(m.group(1)): value for key, value in sd.items() if (m := _NECK_CONCAT_AMAX.fullmatch(key))}
+    n = len(amax)
+    top_down = {j: n - 1 - j for j in amax}
+    found = {}
+    for j, value in amax.items():
+        hits = [i for i in range(n)
+                if _same(sd.get(f"neck.lateral_convs.{i}.conv._input_quantizer._amax"), value)]
+        found[j] = hits[0] if len(hits) == 1 else None
+    if n and None not in found.values() and sorted(found.values()) == sorted(top_down.values()):
+        return found
+    return top_down
+
+
+def _same(a, b) -> bool:
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)

@@ -1,40 +1,109 @@
-"""What every command line of the project shares: one error type shown as one line, tracebacks
-only with --verbose, progress on stderr."""
+"""What every command line of the project shares.
+
+Each entry point (``export_camera.py``, ``python -m lean.ptq``, ``python -m lean.demo``,
+``python -m bench``) is the same three pieces: ``parser()`` built from the argument groups
+below, ``main(args)`` that turns the arguments into the library's options dataclass and calls
+the library, and ``sys.exit(run(main, parser()))``. The library never sees argparse.
+
+``run`` owns the user-facing behaviour: a ``LeanError`` (or a path the OS refused) is one line
+on stderr and exit 2, any other exception is a bug with its traceback and exit 1, progress and
+warnings of the ``lean`` logger go to stderr, tracebacks and third-party warnings only with
+``--verbose``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-import time
+import traceback
+import warnings
+from pathlib import Path
+
+from lean.build import DEVICES
+from lean.config import BACKBONES, DEFAULT_DATA, parse_bound, parse_image_size
+from lean.errors import LeanError
+from lean.log import logger
 
 
-def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--verbose", action="store_true", help="show tracebacks and library warnings")
+def new_parser(doc: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--verbose", action="store_true", help="show tracebacks and third-party library warnings")
+    return p
 
 
-def log(msg: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+def add_device(p) -> None:
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="where PyTorch runs; auto takes a GPU when there is one (default auto)")
 
 
-def run(main, argv=None, parser: argparse.ArgumentParser | None = None) -> int:
+def add_data(p, help: str) -> None:
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"{help} (default {DEFAULT_DATA})")
+
+
+def add_backbone(p, default: str | None = None) -> None:
+    p.add_argument("--backbone", choices=BACKBONES, default=default,
+                   help=f"camera backbone (default {default or 'from the checkpoint'})")
+
+
+def add_cameras(p) -> None:
+    p.add_argument("--cameras", type=int, default=None, help="cameras per sample (default: the checkpoint's, 6)")
+
+
+def add_rig(p) -> None:
+    """The rig of an export: everything defaults to what the checkpoint holds."""
+    rig = p.add_argument_group("rig (default: from the checkpoint)")
+    add_backbone(rig)
+    rig.add_argument("--image-size", default=None, help="HxW network input, e.g. 256x704")
+    add_cameras(rig)
+    rig.add_argument("--xbound", default=None, help="BEV x range LOW,HIGH,STEP in metres (default -54,54,0.3)")
+    rig.add_argument("--ybound", default=None, help="BEV y range LOW,HIGH,STEP in metres (default -54,54,0.3)")
+    rig.add_argument("--rebuild-frustum", action="store_true",
+                     help="derive the frustum and BEV grid buffers for --image-size/--xbound/--ybound")
+
+
+def rig_options(args) -> dict:
+    """``add_rig``'s arguments, parsed, as keyword arguments of an options dataclass."""
+    return {
+        "backbone": args.backbone,
+        "image_size": parse_image_size(args.image_size) if args.image_size else None,
+        "cameras": args.cameras,
+        "xbound": parse_bound(args.xbound, "xbound") if args.xbound else None,
+        "ybound": parse_bound(args.ybound, "ybound") if args.ybound else None,
+        "rebuild_frustum": args.rebuild_frustum,
+    }
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "warning: " if record.levelno >= logging.WARNING else ""
+        return f"{self.formatTime(record, '%H:%M:%S')} {prefix}{record.getMessage()}"
+
+
+def _attach_handler() -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return handler
+
+
+def run(main, parser: argparse.ArgumentParser, argv=None) -> int:
     """Call ``main(args)``; a LeanError (or a bad path the OS refused) becomes one line and exit 2."""
     args = parser.parse_args(argv)
-    if not args.verbose:
-        import warnings
-
-        warnings.filterwarnings("ignore")
+    handler = _attach_handler()
     try:
-        main(args)
+        with warnings.catch_warnings():
+            if not args.verbose:
+                warnings.simplefilter("ignore")  # third-party noise; our own warnings go through the logger
+            main(args)
     except KeyboardInterrupt:
         print("error: interrupted; earlier outputs are untouched", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the one place errors become exit codes
-        from lean.errors import LeanError
-
         user_error = isinstance(e, (LeanError, OSError))
         if args.verbose or not user_error:
-            import traceback
-
             traceback.print_exc()
         if not user_error:
             print("error: internal error (a bug): please report it with the traceback above", file=sys.stderr)
@@ -42,4 +111,6 @@ def run(main, argv=None, parser: argparse.ArgumentParser | None = None) -> int:
         msg = str(e) if isinstance(e, LeanError) else f"{e.strerror or e} {e.filename or ''}".strip()
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        logger.removeHandler(handler)
     return 0

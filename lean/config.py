@@ -1,4 +1,4 @@
-"""Configuration of the camera branch: one small dataclass, presets per backbone.
+"""Configuration of the camera branch (one small dataclass) and the project's default paths.
 
 Every shape in the pipeline follows from these numbers (depth bins, feature size, BEV grid), so
 a rig with another camera count or image size is a config change, not a code change.
@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from lean.errors import LeanError
+
+# What `make` generates and every command uses when not told otherwise.
+DEFAULT_DATA = Path("example-data")
+DEMO_FLOAT_CKPT = Path("model/resnet50/bevfusion-det.pth")
+DEMO_PTQ_CKPT = Path("model/resnet50int8/bevfusion_ptq.pth")
 
 BACKBONES = ("resnet50", "swint")
 # Channels of the backbone outputs the neck reads (indices 1, 2, 3).
@@ -47,11 +53,6 @@ class CameraConfig:
     @property
     def bev_grid(self) -> tuple[int, int, int]:  # nx: X, Y, Z voxels
         return tuple(round((b[1] - b[0]) / b[2]) for b in (self.xbound, self.ybound, self.zbound))
-
-    @property
-    def bev_out_size(self) -> tuple[int, int]:
-        x, y, _ = self.bev_grid
-        return x // self.downsample, y // self.downsample
 
     @property
     def backbone_channels(self) -> tuple[int, int, int]:
@@ -103,18 +104,6 @@ def _arange(lo: float, hi: float, step: float) -> list[float]:
 
 def _plain(v):
     return list(v) if isinstance(v, tuple) else v
-
-
-PRESETS = {
-    "resnet50": CameraConfig(backbone="resnet50"),
-    "swint": CameraConfig(backbone="swint"),
-}
-
-
-def preset(name: str, **overrides) -> CameraConfig:
-    if name not in PRESETS:
-        raise LeanError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-    return PRESETS[name].replace(**overrides)
 
 
 def parse_image_size(text: str) -> tuple[int, int]:

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from lean.config import CameraConfig
 from lean.errors import LeanError
+from lean.geometry import depth_image
 from lean.io import write_bytes
 from lean.tensorfile import read_tensor, write_tensor
 
@@ -168,6 +170,14 @@ def load_example(folder, image_size=DEFAULT_IMAGE_SIZE, cameras: int | None = No
         image_size=tuple(image_size),
         folder=folder,
     )
+
+
+def load_inputs(folder, cfg: CameraConfig) -> tuple[Sample, torch.Tensor, torch.Tensor]:
+    """An example-data folder -> (sample, img, depth): the backbone's inputs for ``cfg``'s rig,
+    the depth image made from the lidar points as the runtime makes it."""
+    sample = load_example(folder, image_size=cfg.image_size, cameras=cfg.cameras)
+    depth = depth_image(sample.points, sample.lidar2image, sample.img_aug_matrix, cfg.image_size)
+    return sample, sample.img, depth
 
 
 def write_example(folder, images, camera2lidar, camera_intrinsics, lidar2image, img_aug_matrix, points) -> list[Path]:

@@ -1,297 +1,98 @@
-"""INT8 post-training quantization of the camera branch with NVIDIA ModelOpt.
+"""The quantize stage: float checkpoint -> calibrated PTQ checkpoint (INT8 scales for the export).
 
-The placement follows CUDA-BEVFusion's recipe, so TensorRT can run the whole branch in INT8:
-- BN folded into convs first (TensorRT folds them anyway; the scales must see folded weights);
-- every conv of backbone, neck, dtransform and depthnet: per-channel weights (axis 0), per-tensor
-  activations, symmetric, range [-128, 127] (ONNX QuantizeLinear has no narrow range);
-- residual add: only the identity branch is quantized, so TensorRT fuses conv3 + add;
-- neck concats: one quantizer for all inputs, shared with the next backbone conv that reads the
-  same tensor, so the tensor carries one scale everywhere;
-- the vtransform ``downsample`` stays float (FP16 in the engine) unless asked.
+Reads the float checkpoint, builds the BN-folded model, places ModelOpt's quantizers
+(``lean.quant.modelopt``), runs the calibration data through it and saves the folded weights
+with every quantizer's amax in the project's format.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
-from collections.abc import Iterable
+import itertools
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
-import torch
-from torch import nn
-
+import lean
+from lean.build import build_folded, resolve_config, resolve_device, versions
+from lean.checkpoint import read_checkpoint, save_checkpoint
+from lean.config import DEFAULT_DATA, DEMO_FLOAT_CKPT, DEMO_PTQ_CKPT
+from lean.data import POINTS_FILE, load_inputs
 from lean.errors import LeanError
-
-CALIBRATION_METHODS = ("mse", "entropy", "percentile", "max")
-
-
-def fold_bn(model: nn.Module) -> nn.Module:
-    """Fold every BatchNorm2d into the Conv2d registered right before it (in place).
-
-    All our modules register a BN directly after the conv it normalizes, and apply it there.
-    """
-    for parent in list(model.modules()):
-        children = list(parent.named_children())
-        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                _fold_into(conv, bn)
-                setattr(parent, bn_name, nn.Identity())
-    leftover = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    if leftover:
-        raise RuntimeError(f"BN without a preceding conv cannot be folded: {leftover[:3]}")
-    return model
+from lean.log import logger
+from lean.quant.modelopt import calibrate, insert_quantizers, quant_config
 
 
-@torch.no_grad()
-def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
-    conv.bias = nn.Parameter(bn.bias + (bias - bn.running_mean) * scale)
+@dataclass
+class PTQOptions:
+    ckpt: Path = DEMO_FLOAT_CKPT
+    out: Path = DEMO_PTQ_CKPT
+    data: Path = DEFAULT_DATA  # an example-data folder, or a folder of them (one sample each)
+    method: str = "mse"
+    batches: int | None = None  # None: one per sample
+    device: str = "auto"
+    cameras: int | None = None
+    quantize_downsample: bool = False
+    progress: bool = True  # a progress bar on stderr
 
 
-NATIVE_BACKEND = "lean-native"
+def calibration_folders(data: Path) -> list[Path]:
+    """``data`` is one example-data folder, or a folder of them (one sample each)."""
+    data = Path(data)
+    if not data.is_dir():
+        raise LeanError(f"calibration data {data} is not a folder: pass an example-data folder or a folder of them")
+    if (data / POINTS_FILE).exists():
+        return [data]
+    found = sorted(p for p in data.iterdir() if (p / POINTS_FILE).exists())
+    if not found:
+        raise LeanError(f"{data} holds no samples: expected {POINTS_FILE} in it or in its subfolders")
+    return found
 
 
-def native_fake_quant(inputs: torch.Tensor, quantizer) -> torch.Tensor:
-    """ModelOpt quant backend that runs ``lean.qdq.fake_quant``, the exported model's own arithmetic.
+def run_ptq(opts: PTQOptions) -> dict:
+    """Calibrate and write ``opts.out``; returns the metadata saved with it."""
+    quant_config(opts.method)  # a bad method is a one-line error before any work
+    device = resolve_device(opts.device)
+    folders = calibration_folders(opts.data)
+    batches = opts.batches or len(folders)
+    if batches < 1:
+        raise LeanError(f"--batches must be at least 1, got {batches}")
+    logger.info("reading %s", opts.ckpt)
+    ckpt = read_checkpoint(opts.ckpt)
+    if ckpt.kind != "float":
+        raise LeanError(f"{opts.ckpt} is already quantized ({ckpt.source}): PTQ starts from a float checkpoint")
+    cfg = resolve_config(ckpt, cameras=opts.cameras)
+    model = build_folded(cfg, ckpt.state_dict, f"checkpoint {opts.ckpt}")
+    model = insert_quantizers(model, opts.method, opts.quantize_downsample).to(device)
 
-    ModelOpt's default kernel JIT-compiles a CUDA extension on its first GPU call (about a
-    minute); this runs on any device at once, and a calibrated ModelOpt model computes exactly
-    what the model rebuilt from its checkpoint computes.
-    """
-    from lean.qdq import fake_quant, int8_scale
+    def samples() -> Iterator:
+        # Each sample is read when needed, so hundreds of calibration folders never sit in memory.
+        for folder in itertools.islice(itertools.cycle(folders), batches):
+            sample, img, depth = load_inputs(folder, cfg)
+            yield img.to(device), depth.to(device), sample
 
-    return fake_quant(inputs, int8_scale(quantizer.amax), quantizer.axis)
-
-
-def _register_backend() -> None:
-    from modelopt.torch.quantization.nn.modules.tensor_quantizer import is_registered_quant_backend, register_quant_backend
-
-    if not is_registered_quant_backend(NATIVE_BACKEND):
-        register_quant_backend(NATIVE_BACKEND, native_fake_quant)
-
-
-def use_native_fake_quant(model: nn.Module, enable: bool = True) -> None:
-    """Route every quantizer through ``native_fake_quant`` (or back to ModelOpt's kernel)."""
-    _register_backend()
-    for q in quantizers(model).values():
-        q.backend = NATIVE_BACKEND if enable else None
-
-
-def quant_config(method: str = "mse", quantize_downsample: bool = False) -> dict:
-    """ModelOpt config: INT8 weights per channel, activations per tensor, [-128, 127]."""
-    if method not in CALIBRATION_METHODS:
-        raise LeanError(f"unknown calibration method {method!r}: choose one of {', '.join(CALIBRATION_METHODS)}")
-    act = {"num_bits": 8, "axis": None, "narrow_range": False}
-    if method != "max":
-        act["calibrator"] = "histogram"
-    weight = {"num_bits": 8, "axis": 0, "narrow_range": False}
-    entries = [{"quantizer_name": "*", "enable": False}]
-    # Only convs and linears carry Q/DQ: pooling, LayerNorm, GELU and softmax stay float, and
-    # TensorRT moves scales across pooling by itself.
-    for parent in ("nn.Conv2d", "nn.Linear"):
-        entries += [
-            {"quantizer_name": "*weight_quantizer", "parent_class": parent, "cfg": weight},
-            {"quantizer_name": "*input_quantizer", "parent_class": parent, "cfg": act},
-        ]
-    if not quantize_downsample:
-        entries.append({"quantizer_name": "vtransform.downsample.*", "enable": False})
-    return {"quant_cfg": entries, "algorithm": None}
+    bar = _progress(batches, f"calibrating ({opts.method})", opts.progress)
+    t = time.perf_counter()
+    seen = calibrate(model, samples(), opts.method, progress=lambda n: bar.update(1))
+    bar.close()
+    seconds = time.perf_counter() - t
+    meta = {
+        "calibration": {"method": opts.method, "batches": seen, "samples": len(folders), "data": str(opts.data),
+                        "quantize_downsample": opts.quantize_downsample, "device": str(device),
+                        "seconds": round(seconds, 2)},
+        "source": {"path": str(opts.ckpt), "sha256": ckpt.sha256, "format": ckpt.source},
+        "versions": versions(),
+        "producer": f"lean {lean.__version__}",
+    }
+    if "note" in ckpt.meta:
+        meta["note"] = ckpt.meta["note"]
+    save_checkpoint(opts.out, model.state_dict(), "ptq", cfg, meta)
+    logger.info("wrote %s (%d batches in %.1fs)", opts.out, seen, seconds)
+    return meta
 
 
-def _new_quantizer(act_cfg: dict) -> nn.Module:
-    from modelopt.torch.quantization.config import QuantizerAttributeConfig
-    from modelopt.torch.quantization.nn import TensorQuantizer
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
 
-    return TensorQuantizer(QuantizerAttributeConfig(**act_cfg))
-
-
-def insert_quantizers(model: nn.Module, method: str = "mse", quantize_downsample: bool = False) -> nn.Module:
-    """Swap convs for ModelOpt quant convs and add the residual and concat quantizers.
-
-    Expects a BN-folded model; returns the same model object, quantizers not yet calibrated.
-    """
-    import modelopt.torch.quantization as mtq
-
-    cfg = quant_config(method, quantize_downsample)
-    # ModelOpt prints "Inserted N quantizers" to stdout, which belongs to the summary table.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        model = mtq.quantize(model, cfg)
-    act_cfg = next(e["cfg"] for e in cfg["quant_cfg"] if e["quantizer_name"] == "*input_quantizer")
-    _place_residual_quantizers(model.backbone, act_cfg)
-    _place_concat_quantizers(model, act_cfg)
-    return model
-
-
-def _place_residual_quantizers(backbone: nn.Module, act_cfg: dict) -> None:
-    for block in backbone.modules():
-        if not hasattr(block, "residual_quantizer"):
-            continue
-        if block.downsample is None:
-            # The identity is the block input, which conv1 already quantizes: one quantizer, one scale.
-            block.residual_quantizer = block.conv1.input_quantizer
-        else:
-            block.downsample[0].input_quantizer = block.conv1.input_quantizer
-            block.residual_quantizer = _new_quantizer(act_cfg)
-
-
-def _place_concat_quantizers(model: nn.Module, act_cfg: dict) -> None:
-    neck, backbone = model.neck, model.backbone
-    consumers = backbone.level_consumers() if hasattr(backbone, "level_consumers") else []
-    for i, lateral in enumerate(neck.lateral_convs):
-        consumer = consumers[i] if i < len(consumers) else None
-        shared = getattr(consumer, "input_quantizer", None) if consumer is not None else None
-        quantizer = shared if shared is not None and not shared._disabled else _new_quantizer(act_cfg)
-        setattr(neck, f"quant_concat{i}", quantizer)
-        # The lateral conv reads the concat; quantizing again with the same scale is exact and
-        # lets TensorRT keep the concat in INT8 without a scale change.
-        lateral.conv.input_quantizer = quantizer
-
-
-def quantizers(model: nn.Module) -> dict[str, nn.Module]:
-    """Enabled quantizers by first name (shared ones appear once)."""
-    from modelopt.torch.quantization.nn import TensorQuantizer
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer) and not m._disabled}
-
-
-def quantizer_names(model: nn.Module) -> dict[str, list[str]]:
-    """Every name under which each enabled quantizer is reachable, keyed by its first name."""
-    from modelopt.torch.quantization.nn import TensorQuantizer
-
-    first: dict[int, str] = {}
-    names: dict[str, list[str]] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, TensorQuantizer) and not m._disabled:
-            key = first.setdefault(id(m), n)
-            names.setdefault(key, []).append(n)
-    return names
-
-
-@torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable, method: str = "mse", progress=None, cuda_graph: bool = True) -> int:
-    """Collect statistics over ``batches`` of (img, depth[, sample]) and load every quantizer's amax.
-
-    Weights are calibrated once, from the weights (per-channel max). Activations are collected by
-    ``lean.calib.RangeCollector`` in ModelOpt's quantizers (``entropy`` keeps ModelOpt's own
-    histogram calibrator), with no host sync. On CUDA the first batch runs eagerly and the
-    forward is then captured as a CUDA graph and replayed for every later batch of the same
-    shape, which removes the Python cost of ~200 quantizer calls per forward. Histograms run on
-    a side stream beside the convolutions (on the H100, warmed up: mse 81.9 -> 18.3 ms a batch);
-    ``max`` only reduces and showed no clear difference (10.2 against 9.8 ms), so it stays on the
-    current stream.
-
-    With a sample (its rig matrices), a quantized BEV downsample is calibrated on the pooled BEV
-    of the same batch, as the runtime feeds it.
-    """
-    from lean.calib import RangeCollector
-
-    named = quantizers(model)
-    weight_qs = {n: q for n, q in named.items() if n.endswith("weight_quantizer")}
-    act_qs = [q for n, q in named.items() if n not in weight_qs]
-    device = next(model.parameters()).device
-    for name, q in weight_qs.items():
-        q.disable_quant()
-        q.enable_calib()
-        q(model.get_submodule(name.rsplit(".", 1)[0]).weight)
-        q.load_calib_amax()
-        q.disable_calib()
-        q.enable_quant()
-        q.disable()  # out of the data loop, which runs the float model
-    own = method != "entropy"
-    histogram = method not in ("max", "entropy")
-    stream = torch.cuda.Stream(device) if histogram and device.type == "cuda" else None
-    for q in act_qs:
-        if own:
-            q._calibrator = RangeCollector(histogram=histogram, stream=stream)
-        q.disable_quant()
-        q.enable_calib()
-
-    def join():  # the statistics of this forward are part of it (and of its CUDA graph)
-        if stream is not None:
-            torch.cuda.current_stream(device).wait_stream(stream)
-
-    def forward(img, depth):
-        out = model(img, depth)
-        join()
-        return out
-
-    downsample_quantized = any(n.startswith("vtransform.downsample.") for n in named)
-    captured = None
-    seen = 0
-    for img, depth, *sample in batches:
-        if captured is not None and captured.fits(img, depth):
-            feature, weights = captured(img, depth)
-        else:
-            feature, weights = _first_forward(forward, img, depth)
-            if captured is None and own and cuda_graph and device.type == "cuda":
-                captured = _CapturedForward.capture(forward, img, depth)
-        if downsample_quantized:
-            if not sample:
-                raise LeanError("calibrating a quantized BEV downsample needs the samples' rig matrices")
-            from lean.bev import pool_to_bev
-
-            model.bev_downsample(pool_to_bev(feature, weights, sample[0], model))
-            join()
-        seen += 1
-        if progress is not None:
-            progress(seen)
-    if seen == 0:
-        raise LeanError("calibration got no data: pass a folder with at least one sample")
-    for q in act_qs:
-        if own:
-            q.amax = q._calibrator.compute_amax(method).to(device)
-        else:
-            q.load_calib_amax(method=method)
-        q.enable_quant()
-        q.disable_calib()
-    for q in weight_qs.values():
-        q.enable()
-    use_native_fake_quant(model)
-    return seen
-
-
-def _first_forward(forward, img, depth):
-    """An eager forward; on CUDA on a fresh stream, which also warms up what a graph capture needs."""
-    if img.device.type != "cuda":
-        return forward(img, depth)
-    stream = torch.cuda.Stream(img.device)
-    stream.wait_stream(torch.cuda.current_stream(img.device))
-    with torch.cuda.stream(stream):
-        out = forward(img, depth)
-    torch.cuda.current_stream(img.device).wait_stream(stream)
-    return out
-
-
-class _CapturedForward:
-    """One calibration forward captured as a CUDA graph: each replay runs the same kernels on
-    new input data, collectors included (they update their statistics in place)."""
-
-    def __init__(self, graph, img, depth, outputs):
-        self.graph, self.img, self.depth, self.outputs = graph, img, depth, outputs
-
-    @classmethod
-    def capture(cls, forward, img, depth):
-        static_img, static_depth = img.clone(), depth.clone()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                outputs = forward(static_img, static_depth)
-        except Exception as e:  # noqa: BLE001 - capture is an optimization; calibrate eagerly instead
-            warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); calibrating without it")
-            return None
-        return cls(graph, static_img, static_depth, outputs)
-
-    def fits(self, img, depth) -> bool:
-        return all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-                   for a, b in ((img, self.img), (depth, self.depth)))
-
-    def __call__(self, img, depth):
-        self.img.copy_(img)
-        self.depth.copy_(depth)
-        self.graph.replay()
-        return self.outputs
-
-
+    return tqdm(total=total, desc=desc, unit="batch", disable=not enabled, file=sys.stderr)

@@ -1,6 +1,7 @@
-"""A deterministic synthetic street scene in the runtime's example-data layout.
+"""The demo: a deterministic synthetic street scene in the runtime's example-data layout, and the
+demo float checkpoint, untrained weights whose BN statistics come from that scene.
 
-It stands in for nuScenes data the project may not ship: six 1600x900 camera images and a
+The scene stands in for nuScenes data the project may not ship: six 1600x900 camera images and a
 32-beam lidar sweep, ray cast from one set of boxes on one textured ground, so the images and
 the points show the same scene and the projection through ``lidar2image`` can be checked.
 
@@ -16,8 +17,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import torch
+from torch import nn
 
-from lean.data import image_aug, write_example
+from lean.bev import pool_to_bev
+from lean.checkpoint import DEMO_NOTE, save_official
+from lean.config import DEFAULT_DATA, DEMO_FLOAT_CKPT, CameraConfig
+from lean.data import image_aug, load_example, write_example
+from lean.geometry import depth_image
+from lean.models import build_camera
 
 GROUND_Z = -1.84
 IMAGE_SIZE = (1600, 900)  # w, h of the camera images
@@ -225,3 +233,47 @@ def make_scene(folder, n_cameras: int = 6) -> list[Path]:
     images = [render_camera(rig, i, boxes)[0] for i in range(n_cameras)]
     points, _ = lidar_scan(boxes)
     return write_example(folder, images, *rig, points)
+
+
+# -- the demo float checkpoint -----------------------------------------------------------------
+# Random init alone gives activations that shrink or explode layer by layer, which would make
+# INT8 calibration and the error figures meaningless. So every BN takes its running statistics
+# from the example scene (one pass in train mode with a cumulative average), and activations end
+# up at the scale a trained network shows. The weights still detect nothing.
+DEMO_SEED = 20261124
+# Scale of the last BN of each residual branch. Trained ResNets end up with small residual
+# branches; with gamma 1 a random ResNet50 is chaotic (BENCHMARKS.md), so rounding noise, not
+# the export, would dominate every error figure.
+RESIDUAL_GAMMA = 0.1
+
+
+@dataclass
+class DemoOptions:
+    out: Path = DEMO_FLOAT_CKPT
+    data: Path = DEFAULT_DATA
+    backbone: str = "resnet50"
+
+
+@torch.no_grad()
+def make_demo_model(cfg: CameraConfig, sample, seed: int = DEMO_SEED) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_camera(cfg)
+    for block in model.backbone.modules():
+        if hasattr(block, "bn3"):
+            nn.init.constant_(block.bn3.weight, RESIDUAL_GAMMA)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average: after one batch, running stats = that batch's
+    depth = depth_image(sample.points, sample.lidar2image, sample.img_aug_matrix, cfg.image_size)
+    model.train()
+    feature, weights = model(sample.img, depth)
+    model.bev_downsample(pool_to_bev(feature, weights, sample, model))
+    return model.eval()
+
+
+def make_demo_checkpoint(opts: DemoOptions) -> None:
+    """The demo float checkpoint, in the official training layout."""
+    cfg = CameraConfig(backbone=opts.backbone)
+    model = make_demo_model(cfg, load_example(opts.data, image_size=cfg.image_size, cameras=cfg.cameras))
+    save_official(opts.out, model.state_dict(), meta={"note": DEMO_NOTE, "seed": DEMO_SEED, "config": cfg.to_dict()})

@@ -9,17 +9,15 @@ from torch import nn
 
 from lean.config import CameraConfig
 from lean.models.neck import GeneralizedLSSFPN
+from lean.models.resnet import resnet50
+from lean.models.swin import swint
 from lean.models.vtransform import DepthLSSTransform
+
+BACKBONE_BUILDERS = {"resnet50": resnet50, "swint": swint}
 
 
 def build_backbone(cfg: CameraConfig) -> nn.Module:
-    if cfg.backbone == "resnet50":
-        from lean.models.resnet import resnet50
-
-        return resnet50()
-    from lean.models.swin import swint
-
-    return swint()
+    return BACKBONE_BUILDERS[cfg.backbone]()
 
 
 class CameraBranch(nn.Module):

@@ -1,13 +1,14 @@
 """The INT8 model of a PTQ checkpoint, as the exporter traces it: fixed-scale Q/DQ, no ModelOpt.
 
-Calibration (``lean.quantize``) runs ModelOpt; what it leaves in the checkpoint is one amax per
-quantizer under ModelOpt's names (``<conv>.input_quantizer._amax``, ``<block>.residual_quantizer._amax``,
-...). Exporting needs nothing else, so the model is rebuilt from those values with the small
-modules below. That keeps ModelOpt's import (about 6 s and 450 MB here) and its module machinery
-out of the export, and every Q/DQ pair traces to exactly one QuantizeLinear -> DequantizeLinear.
+Calibration (``lean.quant.modelopt``) runs ModelOpt; what it leaves in the checkpoint is one amax
+per quantizer under ModelOpt's names (``<conv>.input_quantizer._amax``,
+``<block>.residual_quantizer._amax``, ...). Exporting needs nothing else, so the model is rebuilt
+from those values with the small modules below. That keeps ModelOpt's import (seconds and hundreds
+of MB) and its module machinery out of the export, and every Q/DQ pair traces to exactly one
+QuantizeLinear -> DequantizeLinear.
 
 The checkpoint decides the placement: a quantizer exists wherever it holds an amax. The recipe
-itself (which tensors get one, which share a scale) lives in ``lean.quantize``.
+itself (which tensors get one, which share a scale) lives in ``lean.quant.modelopt``.
 """
 
 from __future__ import annotations
@@ -149,14 +150,3 @@ def split_amax(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     amax = {k: v for k, v in state_dict.items() if k.endswith("._amax")}
     return {k: v for k, v in state_dict.items() if k not in amax}, amax
 
-
-def build_quantized(cfg, state_dict: dict[str, torch.Tensor], disabled: Iterable[str] = ()) -> nn.Module:
-    """The INT8 model of a PTQ state dict: float model, BN folded, Q/DQ from the amax, weights loaded."""
-    from lean.checkpoint import load_weights
-    from lean.models import build_camera
-    from lean.quantize import fold_bn
-
-    weights, amax = split_amax(state_dict)
-    model = fold_bn(build_camera(cfg))
-    load_weights(model, weights, "PTQ checkpoint")
-    return attach_quantizers(model, amax, disabled).eval()

@@ -2,19 +2,19 @@
 
 ModelOpt's own calibrators check every tensor on the host (``assert not torch.any(isnan(amax))``,
 histogram ranges read back with ``.item()``): three or more host syncs per quantizer per batch,
-which made calibration on an H100 10-17x slower than the forward it measures. ``RangeCollector``
+which made GPU calibration many times slower than the forward it measures (BENCHMARKS.md). ``RangeCollector``
 plugs into a ModelOpt ``TensorQuantizer`` in place of its calibrator and keeps everything on the
 tensor's device:
 
 - the exact running max of |x| (one ``aminmax`` per tensor);
 - for histogram methods, a histogram of log2 |x| of every value with fixed bins (32 per octave
-  over 2^-32..2^32), so no range ever has to be read back to re-bin. (Feeding it every 4th row
-  instead cost the demo ResNet50 a fifth more output MSE: the rare large values set the amax.)
+  over 2^-32..2^32), so no range ever has to be read back to re-bin. Every value, not a
+  subsample: the rare large values set the amax.
 
 On CUDA the statistics can run on a side stream, beside the forward's convolutions.
 
 Fixed shapes and no host reads also let a whole calibration forward be captured once as a CUDA
-graph and replayed for every batch (``lean.quantize.calibrate``).
+graph and replayed for every batch (``lean.quant.modelopt.calibrate``).
 """
 
 from __future__ import annotations

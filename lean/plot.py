@@ -1,47 +1,12 @@
-"""End-to-end check of the exported chain, as the runtime runs it:
-
-images -> camera.backbone.onnx (ONNX Runtime) -> BEV pooling (lean.geometry) ->
-camera.vtransform.onnx (ONNX Runtime), against the same chain in PyTorch.
-"""
+"""PNGs of the BEV map, for a person to look at (``--plot``): matplotlib, imported only when used."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
-from lean.errors import LeanError
-
-
-@torch.no_grad()
-def onnx_chain(feature, weights, vtransform_path: Path, model, sample) -> torch.Tensor:
-    """ONNX Runtime's backbone outputs -> our BEV pooling -> camera.vtransform.onnx."""
-    from lean.bev import pool_to_bev
-    from lean.export import ort_session
-
-    bev_in = pool_to_bev(feature, weights, sample, model.vtransform)
-    (out,) = ort_session(vtransform_path).run(["feat_out"], {"feat_in": bev_in.cpu().numpy()})
-    return torch.from_numpy(out)
-
-
-def check_bev(feature, weights, vtransform_path, model, sample, reference, precision: str, plot_dir=None) -> dict:
-    """Final camera BEV map of the ONNX chain against PyTorch's (``reference``); raise if off."""
-    from lean.export import compare
-
-    t = time.perf_counter()
-    ref = reference.detach().cpu()
-    got = onnx_chain(feature, weights, Path(vtransform_path), model, sample)
-    stats = {"shape": list(ref.shape), **compare(got, ref, precision)}
-    stats["seconds"] = time.perf_counter() - t
-    if plot_dir is not None:
-        stats["plots"] = plot_bev(Path(plot_dir), ref, got, sample, model.cfg)
-    if not stats["ok"]:
-        raise LeanError(
-            f"end-to-end BEV map of the ONNX chain differs from PyTorch: max abs error {stats['max_abs_err']:.3g} > "
-            f"tolerance {stats['tolerance']:.3g} (cosine {stats['cosine']:.6f}); nothing was written"
-        )
-    return stats
+from lean.io import atomic_path
 
 
 def plot_bev(folder: Path, ref: torch.Tensor, got: torch.Tensor, sample, cfg) -> list[str]:
@@ -51,8 +16,6 @@ def plot_bev(folder: Path, ref: torch.Tensor, got: torch.Tensor, sample, cfg) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from lean.io import atomic_path
 
     (x0, x1, _), (y0, y1, _) = cfg.xbound, cfg.ybound
     pts = sample.points[:, :3].float()

@@ -1,0 +1,95 @@
+"""What an export did, typed: per-graph results, stage times, the report.json body and the
+summary table printed at the end."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lean.log import logger
+
+
+@dataclass
+class GraphResult:
+    file: str
+    size: int = 0
+    nodes: int = 0
+    qdq_pairs: int = 0
+    seconds: float = 0.0
+    outputs: dict = field(default_factory=dict)  # name -> {shape, max_abs_err, cosine, tolerance, ...}
+
+    @property
+    def max_error(self) -> float:
+        return max((o["max_abs_err"] for o in self.outputs.values()), default=0.0)
+
+    @property
+    def min_cosine(self) -> float:
+        return min((o["cosine"] for o in self.outputs.values()), default=1.0)
+
+
+@dataclass
+class ExportReport:
+    out_dir: Path
+    precision: str
+    graphs: list[GraphResult]
+    stages: dict[str, float]
+    facts: dict
+
+    def to_json(self) -> dict:
+        return {
+            **self.facts,
+            "precision": self.precision,
+            "files": {g.file: {k: v for k, v in vars(g).items() if k != "file"} for g in self.graphs},
+            "stages_seconds": self.stages,
+        }
+
+
+class Stages:
+    """Wall time per named stage, with a progress line as each starts."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self.count = 0
+
+    @contextmanager
+    def __call__(self, name: str, what: str):
+        self.count += 1
+        logger.info("[%d] %s ...", self.count, what)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t
+
+
+def qdq_pairs(model) -> int:
+    """Quantize -> Dequantize pairs of an ONNX proto, plus DequantizeLinear nodes of constant (weight) data."""
+    nodes = model.graph.node
+    producers = {o: n for n in nodes for o in n.output}
+    dq = [n for n in nodes if n.op_type == "DequantizeLinear"]
+    paired = sum(1 for n in dq if n.input[0] in producers and producers[n.input[0]].op_type == "QuantizeLinear")
+    return paired + sum(1 for n in dq if n.input[0] not in producers)
+
+
+def summary_table(report: ExportReport) -> str:
+    rows = [("file", "size", "nodes", "Q/DQ", "time", "max error", "cosine")]
+    for g in report.graphs:
+        rows.append((str(report.out_dir / g.file), _size(g.size), str(g.nodes), str(g.qdq_pairs),
+                     f"{g.seconds:.1f}s", f"{g.max_error:.3g}", f"{g.min_cosine:.6f}"))
+    bev = report.facts.get("bev_check")
+    if bev:
+        rows.append(("BEV map (ONNX chain vs PyTorch)", "", "", "", f"{bev['seconds']:.1f}s",
+                     f"{bev['max_abs_err']:.3g}", f"{bev['cosine']:.6f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
