@@ -1,6 +1,6 @@
 """One measurement per process, so each peak RSS is its own: ``python -m bench.measure WHAT ARGS``.
 
-The export itself is measured as users run it, through ``export_camera.py`` (bench/__main__.py).
+The export itself is measured as users run it, through ``export_camera.py`` (bench/suite.py).
 
 Prints one JSON object on the last line of stdout.
 """
@@ -29,14 +29,16 @@ def floor(ckpt: str, data: str, device: str) -> dict:
     import onnxsim
     import torch
 
+    from lean.build import build_model, resolve_config
     from lean.checkpoint import read_checkpoint
-    from lean.export import ExportOptions, build_model, load_inputs, ort_session, resolve_config
+    from lean.data import load_inputs
     from lean.models import BackboneGraph
+    from lean.validate import ort_session
 
     t_import = time.perf_counter() - t0
     ckpt_ = read_checkpoint(ckpt)
     cfg = resolve_config(ckpt_)
-    _, img, depth = load_inputs(ExportOptions(ckpt=Path(ckpt), data=Path(data)), cfg)
+    _, img, depth = load_inputs(data, cfg)
     model = build_model(ckpt_, cfg, "int8").to(device)
     img, depth = img.to(device), depth.to(device)
     t_load = time.perf_counter() - t0 - t_import
@@ -73,19 +75,17 @@ def calibration(ckpt: str, data: str, device: str, method: str = "mse", batches:
 
     import torch
 
-    from lean.checkpoint import load_weights, read_checkpoint
-    from lean.export import ExportOptions, load_inputs, resolve_config
-    from lean.models import build_camera
-    from lean.quantize import calibrate, fold_bn, insert_quantizers
+    from lean.build import build_folded, resolve_config
+    from lean.checkpoint import read_checkpoint
+    from lean.data import load_inputs
+    from lean.quant.modelopt import calibrate, insert_quantizers
 
     batches = int(batches)
     ck = read_checkpoint(ckpt)
     cfg = resolve_config(ck)
-    _, img, depth = load_inputs(ExportOptions(ckpt=Path(ckpt), data=Path(data)), cfg)
+    _, img, depth = load_inputs(data, cfg)
     img, depth = img.to(device), depth.to(device)
-    model = build_camera(cfg)
-    load_weights(model, ck.state_dict)
-    model = fold_bn(model).to(device)
+    model = build_folded(cfg, ck.state_dict).to(device)
 
     def sync():
         if device == "cuda":
@@ -143,12 +143,14 @@ def latency(onnx_dir: str, data: str, ckpt: str, runs: int = 5) -> dict:
     """ONNX Runtime CPU latency of each graph and its fidelity against the float PyTorch model."""
     import torch
 
+    from lean.build import build_model, resolve_config
     from lean.checkpoint import read_checkpoint
-    from lean.export import ExportOptions, build_model, compare, load_inputs, ort_session, resolve_config
+    from lean.data import load_inputs
+    from lean.validate import compare, ort_session
 
     ck = read_checkpoint(ckpt)
     cfg = resolve_config(ck)
-    _, img, depth = load_inputs(ExportOptions(ckpt=Path(ckpt), data=Path(data)), cfg)
+    _, img, depth = load_inputs(data, cfg)
     with torch.no_grad():
         ref = build_model(ck, cfg, "fp16")(img, depth)  # the float model of the same folded weights
     feeds = {"img": img.numpy(), "depth": depth.numpy()}
@@ -166,7 +168,7 @@ def latency(onnx_dir: str, data: str, ckpt: str, runs: int = 5) -> dict:
             t = time.perf_counter()
             session.run(None, feeds)
             times.append(time.perf_counter() - t)
-        fidelity = {k: {m: v for m, v in compare(g, r, "fp32").items() if m in ("max_abs_err", "cosine")}
+        fidelity = {k: {m: v for m, v in compare(g, r, "fp16").items() if m in ("max_abs_err", "cosine")}
                     for k, g, r in zip(("camera_feature", "camera_depth_weights"), got, ref)}
         out[name] = {"median_s": statistics.median(times), "runs": runs, "vs_float_pytorch": fidelity}
     return out

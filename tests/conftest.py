@@ -26,7 +26,7 @@ def small_float_ckpt(tmp_path_factory, example_dir):
     """Demo-style float checkpoint (official layout) on the small config."""
     from lean.checkpoint import save_official
     from lean.data import load_example
-    from lean.demo import make_demo_model
+    from lean.scene import make_demo_model
 
     sample = load_example(example_dir, image_size=SMALL.image_size, cameras=SMALL.cameras)
     model = make_demo_model(SMALL, sample)
@@ -37,8 +37,17 @@ def small_float_ckpt(tmp_path_factory, example_dir):
 
 @pytest.fixture(scope="session")
 def small_ptq_ckpt(tmp_path_factory, small_float_ckpt, example_dir):
-    from lean.ptq import run_ptq
+    from lean.quantize import PTQOptions, run_ptq
 
     path = tmp_path_factory.mktemp("ckpt") / "ptq.pth"
-    run_ptq(small_float_ckpt, path, example_dir, method="max", progress=False, log=lambda m: None)
+    run_ptq(PTQOptions(ckpt=small_float_ckpt, out=path, data=example_dir, method="max", progress=False))
     return path
+
+
+@pytest.fixture(scope="session")
+def small_int8_export(tmp_path_factory, small_ptq_ckpt, example_dir):
+    """(report, folder) of an INT8 export of the small PTQ checkpoint."""
+    from lean.export import ExportOptions, export_camera
+
+    out = tmp_path_factory.mktemp("int8")
+    return export_camera(ExportOptions(ckpt=small_ptq_ckpt, out_dir=out, data=example_dir, cameras=SMALL.cameras)), out

@@ -23,3 +23,10 @@ def onnx_io(path) -> dict[str, list[int]]:
 
     graph = onnx.load(str(path)).graph
     return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in list(graph.input) + list(graph.output)}
+
+
+def one_line(excinfo) -> str:
+    """The text of a ``pytest.raises`` LeanError, checked to be one non-empty line."""
+    text = str(excinfo.value)
+    assert text and "\n" not in text
+    return text

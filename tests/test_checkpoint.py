@@ -6,7 +6,7 @@ from lean.config import CameraConfig
 from lean.errors import LeanError
 from lean.models import build_camera
 
-from helpers import SMALL, sample_inputs
+from helpers import SMALL, one_line, sample_inputs
 
 
 @pytest.fixture(scope="module")
@@ -17,12 +17,6 @@ def model():
         bn.running_mean.uniform_(-0.1, 0.1)
         bn.running_var.uniform_(0.5, 2)
     return m
-
-
-def one_line(e):
-    text = str(e.value)
-    assert "\n" not in text and text
-    return text
 
 
 def outputs(model):

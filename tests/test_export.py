@@ -1,3 +1,6 @@
+"""The export stage on the small config: the contract, Q/DQ placement, the report, and the rigs
+(other backbones, camera counts, image sizes and BEV grids, all from the config)."""
+
 import json
 
 import numpy as np
@@ -5,8 +8,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from lean.checkpoint import infer_config, read_checkpoint, save_official
+from lean.config import CameraConfig
+from lean.data import load_example
 from lean.errors import LeanError
-from lean.export import BACKBONE_FILE, VTRANSFORM_FILE, ExportOptions, export_camera, ort_session, validate
+from lean.export import BACKBONE_FILE, VTRANSFORM_FILE, ExportOptions, export_camera
+from lean.quantize import PTQOptions, run_ptq
+from lean.scene import make_demo_model
 
 from helpers import SMALL, onnx_io
 
@@ -16,9 +24,8 @@ def export(ckpt, out, data, **kw):
 
 
 @pytest.fixture(scope="module")
-def int8(tmp_path_factory, small_ptq_ckpt, example_dir):
-    out = tmp_path_factory.mktemp("int8")
-    return export(small_ptq_ckpt, out, example_dir), out
+def int8(small_int8_export):
+    return small_int8_export
 
 
 @pytest.fixture(scope="module")
@@ -111,43 +118,95 @@ def test_fp16_graph_matches_pytorch_to_1e4(fp16):
             assert o["max_abs_err"] <= 1e-4 * o["ref_max_abs"]
 
 
-def test_a_wrong_scale_fails_validation(int8, tmp_path, example_dir):
-    """Validation must catch a broken graph: double one activation scale in the middle."""
-    src = int8[1] / BACKBONE_FILE
-    model = onnx.load(str(src))
-    inits = {i.name: i for i in model.graph.initializer}
-    target = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and "layer3" in n.name][0]
-    scale_name = target.input[1]
-    if scale_name in inits:
-        arr = numpy_helper.to_array(inits[scale_name]) * 4
-        inits[scale_name].CopyFrom(numpy_helper.from_array(arr, scale_name))
-    else:
-        const = next(n for n in model.graph.node if scale_name in n.output)
-        arr = numpy_helper.to_array(const.attribute[0].t) * 4
-        const.attribute[0].t.CopyFrom(numpy_helper.from_array(arr))
-    broken = tmp_path / "broken.onnx"
-    onnx.save(model, str(broken))
-    good = ort_session(src)
-    from lean.data import load_example
-    from lean.geometry import depth_image
-    sample = load_example(example_dir, image_size=SMALL.image_size, cameras=SMALL.cameras)
-    depth = depth_image(sample.points, sample.lidar2image, sample.img_aug_matrix, SMALL.image_size)
-    inputs = {"img": sample.img, "depth": depth}
-    import torch
-    reference = dict(zip(["camera_feature", "camera_depth_weights"],
-                         (torch.from_numpy(a) for a in good.run(None, {k: v.numpy() for k, v in inputs.items()}))))
-    validate(src, inputs, reference, "int8")  # the good graph passes against itself
-    with pytest.raises(LeanError):
-        validate(broken, inputs, reference, "int8")
-
-
-
 def test_quantized_downsample_exports_with_qdq(tmp_path, small_float_ckpt, example_dir):
-    from lean.ptq import run_ptq
-
     ckpt = tmp_path / "ptq_ds.pth"
-    run_ptq(small_float_ckpt, ckpt, example_dir, "max", progress=False, log=lambda m: None, cameras=2,
-            quantize_downsample=True)
+    run_ptq(PTQOptions(ckpt=small_float_ckpt, out=ckpt, data=example_dir, method="max", progress=False, cameras=2,
+                       quantize_downsample=True))
     report = export(ckpt, tmp_path / "o", example_dir)
     vt = next(g for g in report.graphs if g.file == VTRANSFORM_FILE)
     assert vt.qdq_pairs == 6 and all(o["ok"] for o in vt.outputs.values())  # 3 convs: input + weight
+
+
+# -- rigs ------------------------------------------------------------------------------------------
+def float_ckpt(tmp_path, example_dir, cfg):
+    sample = load_example(example_dir, image_size=cfg.image_size, cameras=cfg.cameras)
+    path = tmp_path / f"{cfg.backbone}-{cfg.image_size[0]}x{cfg.image_size[1]}.pth"
+    save_official(path, make_demo_model(cfg, sample).state_dict())
+    return path
+
+
+@pytest.fixture(scope="module")
+def swint_ckpts(tmp_path_factory, example_dir):
+    folder = tmp_path_factory.mktemp("swint")
+    cfg = CameraConfig(backbone="swint", cameras=2, image_size=(64, 176))
+    fl = float_ckpt(folder, example_dir, cfg)
+    ptq = folder / "ptq.pth"
+    run_ptq(PTQOptions(ckpt=fl, out=ptq, data=example_dir, method="max", cameras=2, progress=False))
+    return fl, ptq
+
+
+@pytest.mark.parametrize("fp16", [True, False])
+def test_swint_exports_validate(tmp_path, swint_ckpts, example_dir, fp16):
+    report = export_camera(ExportOptions(ckpt=swint_ckpts[1], out_dir=tmp_path, data=example_dir, cameras=2, fp16=fp16))
+    assert all(o["ok"] for g in report.graphs for o in g.outputs.values()) and report.facts["bev_check"]["ok"]
+    graph = onnx.load(str(tmp_path / BACKBONE_FILE)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ("QuantizeLinear" in ops) is (not fp16)
+    if not fp16:
+        producers = {o: n for n in graph.node for o in n.output}
+        # Linear layers (MatMul/Gemm with a weight) carry Q/DQ on both inputs; LayerNorm and
+        # softmax inputs stay float.
+        def source(name):  # skip the Transpose of a Linear weight
+            node = producers.get(name)
+            return producers.get(node.input[0]) if node is not None and node.op_type == "Transpose" else node
+
+        linear = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and source(n.input[1]) is not None
+                  and source(n.input[1]).op_type == "DequantizeLinear"]
+        assert len(linear) == 12 * 4 + 3  # qkv, proj and two FFN layers per block, 3 patch mergings
+        assert all(source(n.input[0]).op_type == "DequantizeLinear" for n in linear)
+        for n in graph.node:
+            if n.op_type in ("Softmax", "ReduceMean"):
+                src = producers.get(n.input[0])
+                assert src is None or src.op_type != "DequantizeLinear", n.name
+
+
+def test_five_cameras(tmp_path, example_dir):
+    cfg = CameraConfig(cameras=5, image_size=(64, 176))
+    ckpt = float_ckpt(tmp_path, example_dir, cfg)
+    export_camera(ExportOptions(ckpt=ckpt, out_dir=tmp_path / "o", data=example_dir, cameras=5, fp16=True))
+    shapes = onnx_io(tmp_path / "o" / BACKBONE_FILE)
+    assert shapes["img"] == [1, 5, 3, 64, 176] and shapes["camera_feature"] == [5, 8, 22, 80]
+
+
+def test_other_image_size_needs_rebuild_then_follows(tmp_path, example_dir, small_float_ckpt):
+    with pytest.raises(LeanError) as e:
+        export_camera(ExportOptions(ckpt=small_float_ckpt, out_dir=tmp_path, data=example_dir, cameras=2, fp16=True,
+                                    image_size=(96, 264)))
+    assert "64x176" in str(e.value) and "--rebuild-frustum" in str(e.value) and "\n" not in str(e.value)
+    # 96x264 has the ratio of 384x1056: the stand-in of the big rig in the fast tests.
+    export_camera(ExportOptions(ckpt=small_float_ckpt, out_dir=tmp_path, data=example_dir, cameras=2, fp16=True,
+                                image_size=(96, 264), rebuild_frustum=True))
+    shapes = onnx_io(tmp_path / BACKBONE_FILE)
+    assert shapes["img"] == [1, 2, 3, 96, 264]
+    assert shapes["camera_feature"] == [2, 12, 33, 80] and shapes["camera_depth_weights"] == [2, 118, 12, 33]
+
+
+def test_bev_grid_from_flags(tmp_path, example_dir, small_float_ckpt):
+    grid = (-51.2, 51.2, 0.4)
+    with pytest.raises(LeanError):
+        export_camera(ExportOptions(ckpt=small_float_ckpt, out_dir=tmp_path, data=example_dir, cameras=2, fp16=True,
+                                    xbound=grid, ybound=grid))
+    export_camera(ExportOptions(ckpt=small_float_ckpt, out_dir=tmp_path, data=example_dir, cameras=2, fp16=True,
+                                xbound=grid, ybound=grid, rebuild_frustum=True))
+    assert onnx_io(tmp_path / VTRANSFORM_FILE) == {"feat_in": [1, 80, 256, 256], "feat_out": [1, 80, 128, 128]}
+
+
+def test_backbone_flag_must_match_the_checkpoint(tmp_path, example_dir, small_float_ckpt):
+    with pytest.raises(LeanError) as e:
+        export_camera(ExportOptions(ckpt=small_float_ckpt, out_dir=tmp_path, data=example_dir, cameras=2, fp16=True,
+                                    backbone="swint"))
+    assert "resnet50" in str(e.value)
+
+
+def test_swint_config_is_read_from_its_keys(swint_ckpts):
+    assert infer_config(read_checkpoint(swint_ckpts[0]).state_dict, cameras=2).backbone == "swint"

@@ -32,7 +32,8 @@ def test_resnet50_keys_and_shapes_equal_the_official_list():
 
 def test_default_preset_shapes_follow_the_contract():
     cfg = CameraConfig()
-    assert (cfg.depth_bins, cfg.feature_size, cfg.bev_grid, cfg.bev_out_size) == (118, (32, 88), (360, 360, 1), (180, 180))
+    assert (cfg.depth_bins, cfg.feature_size, cfg.bev_grid) == (118, (32, 88), (360, 360, 1))
+    assert tuple(n // cfg.downsample for n in cfg.bev_grid[:2]) == (180, 180)  # feat_out
     model = build_camera(cfg)
     with torch.no_grad():
         levels = model.backbone(torch.zeros(6, 3, 256, 704))

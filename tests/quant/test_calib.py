@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lean.calib import RangeCollector, mse_amax, mse_log_amax, percentile_amax
+from lean.quant.calib import RangeCollector, mse_amax, mse_log_amax, percentile_amax
 
 
 def test_mse_amax_is_the_best_candidate():
