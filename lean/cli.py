@@ -18,6 +18,7 @@ import logging
 import sys
 import traceback
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from lean.build import DEVICES
@@ -80,19 +81,30 @@ class _Formatter(logging.Formatter):
         return f"{self.formatTime(record, '%H:%M:%S')} {prefix}{record.getMessage()}"
 
 
-def _attach_handler() -> logging.Handler:
+@contextmanager
+def _log_to_stderr():
+    """The ``lean`` logger's INFO and above on stderr, for the length of one command."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
+    saved = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    logger.propagate = False
-    return handler
+    logger.propagate = False  # printed here once, not again by a root handler
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.level, logger.propagate = saved
 
 
 def run(main, parser: argparse.ArgumentParser, argv=None) -> int:
     """Call ``main(args)``; a LeanError (or a bad path the OS refused) becomes one line and exit 2."""
     args = parser.parse_args(argv)
-    handler = _attach_handler()
+    with _log_to_stderr():
+        return _run(main, args)
+
+
+def _run(main, args) -> int:
     try:
         with warnings.catch_warnings():
             if not args.verbose:
@@ -111,6 +123,4 @@ def run(main, parser: argparse.ArgumentParser, argv=None) -> int:
         msg = str(e) if isinstance(e, LeanError) else f"{e.strerror or e} {e.filename or ''}".strip()
         print(f"error: {msg}", file=sys.stderr)
         return 2
-    finally:
-        logger.removeHandler(handler)
     return 0

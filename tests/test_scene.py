@@ -200,3 +200,18 @@ def test_load_scene(scene, points):
     inside = (xy[:, 0] >= 0) & (xy[:, 0] < 704) & (xy[:, 1] >= 0) & (xy[:, 1] < 256)
     assert inside.sum() > 100
     assert (nearest_box(rgb[0][xy[inside, 1], xy[inside, 0]]) == 0).mean() > 0.95
+
+
+def test_demo_model_is_deterministic_with_bn_statistics_from_the_scene(scene):
+    import torch
+
+    from lean.config import CameraConfig
+    from lean.data import load_example
+    from lean.scene import RESIDUAL_GAMMA, make_demo_model
+
+    cfg = CameraConfig(cameras=2, image_size=(64, 176))
+    sample = load_example(scene[0], image_size=cfg.image_size, cameras=cfg.cameras)
+    a, b = (make_demo_model(cfg, sample).state_dict() for _ in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["backbone.bn1.num_batches_tracked"] == 1 and not torch.equal(a["backbone.bn1.running_var"], torch.ones(64))
+    assert torch.all(a["backbone.layer1.0.bn3.weight"] == RESIDUAL_GAMMA)
