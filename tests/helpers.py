@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from lean.config import CameraConfig
 
 SMALL = CameraConfig(cameras=2, image_size=(64, 176))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python(*args, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
+    """``python ARGS`` in a child process, as a user runs it from ``cwd``, with the project importable."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def random_bn(model):
+    """Random BN statistics and affine parameters (in place), so folding them is really tested."""
+    torch.manual_seed(3)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.1, 0.1)
+    return model
 
 
 def sample_inputs(cfg, seed=0):

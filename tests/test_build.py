@@ -12,20 +12,13 @@ from lean.errors import LeanError
 from lean.models import build_camera
 from lean.quant.qdq import QDQ
 
-from helpers import SMALL, one_line, sample_inputs
+from helpers import SMALL, one_line, random_bn, sample_inputs
 
 
 @pytest.fixture(scope="module")
 def float_model():
     torch.manual_seed(0)
-    model = build_camera(SMALL)
-    torch.manual_seed(3)
-    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-        bn.running_mean.uniform_(-0.2, 0.2)
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.data.uniform_(0.5, 1.5)
-        bn.bias.data.uniform_(-0.1, 0.1)
-    return model
+    return random_bn(build_camera(SMALL))
 
 
 def test_fold_bn_keeps_outputs(float_model):

@@ -1,17 +1,10 @@
 """``python -m lean.demo`` as a user runs it (the demo model itself: tests/test_scene.py)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import python
 
 
 def demo(*args):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-m", "lean.demo", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return python("-m", "lean.demo", *args)
 
 
 def test_missing_data_is_one_line(tmp_path):

@@ -1,24 +1,15 @@
 """The command line as a user types it: one-line errors, exit codes, nothing lost."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from lean.errors import LeanError
 from lean.export import BACKBONE_FILE, VTRANSFORM_FILE, ExportOptions, export_camera
 
-from helpers import SMALL
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, SMALL, python
 
 
 def cli(*args, cwd=ROOT):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, str(ROOT / "export_camera.py"), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return python(ROOT / "export_camera.py", *args, cwd=cwd)
 
 
 def assert_one_line_error(r, *words):

@@ -1,24 +1,18 @@
 """Full-size runs (6 cameras, 256x704, ResNet50): one of each main path, as a user runs them."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from lean.export import BACKBONE_FILE, VTRANSFORM_FILE, ExportOptions, export_camera
 
-from helpers import onnx_io
+from helpers import onnx_io, python
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.full
 
 
 def run(*args):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    r = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    r = python(*args, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 

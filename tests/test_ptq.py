@@ -1,17 +1,10 @@
 """``python -m lean.ptq`` as a user runs it."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import python
 
 
 def ptq(*args):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-m", "lean.ptq", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return python("-m", "lean.ptq", *args)
 
 
 def test_calibrates_and_writes(tmp_path, small_float_ckpt, example_dir):

@@ -10,17 +10,7 @@ from lean.errors import LeanError
 from lean.models import build_camera
 from lean.quant.modelopt import calibrate, insert_quantizers, quant_config, quantizers, use_native_fake_quant
 
-from helpers import SMALL, sample_inputs
-
-
-def random_bn(model):
-    torch.manual_seed(3)
-    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-        bn.running_mean.uniform_(-0.2, 0.2)
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.data.uniform_(0.5, 1.5)
-        bn.bias.data.uniform_(-0.1, 0.1)
-    return model
+from helpers import SMALL, random_bn, sample_inputs
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +109,7 @@ def test_native_fake_quant_matches_modelopt_kernel(calibrated):
 def test_other_calibration_methods(float_model, method):
     model = insert_quantizers(fold_bn(copy.deepcopy(float_model)), method)
     if method == "entropy":
-        # ModelOpt's entropy search is a slow Python loop (~3 s a quantizer here): keep a few.
+        # ModelOpt's entropy search is a slow Python loop (BENCHMARKS.md): keep a few.
         for name, q in list(quantizers(model).items())[6:]:
             q.disable()
     calibrate(model, [sample_inputs(SMALL)], method)
