@@ -2,7 +2,9 @@
 
 The export itself is measured as users run it, through ``export_camera.py`` (bench/suite.py).
 
-Prints one JSON object on the last line of stdout.
+Prints one JSON object on the last line of stdout. Each measurement imports what it uses inside
+its function: a process then holds only that measurement's modules (its peak RSS is its own), and
+the floor times its own imports.
 """
 
 from __future__ import annotations
