@@ -3,6 +3,7 @@
 
     python export_camera.py --ckpt model/resnet50int8/bevfusion_ptq.pth          # INT8 (Q/DQ)
     python export_camera.py --ckpt model/resnet50int8/bevfusion_ptq.pth --fp16   # FP16
+    python export_camera.py --tensorrt 8 ...    # classic graphs for TensorRT 8.5/8.6 (JetPack 5/6.0)
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from pathlib import Path
 
 from lean import cli
 from lean.config import DEMO_PTQ_CKPT
-from lean.errors import LeanError
 from lean.export import REPORT_FILE, ExportOptions, export_camera
 from lean.report import summary_table
+from lean.target import DEFAULT_TARGET, TARGETS
 
 
 def parser():
@@ -23,7 +24,13 @@ def parser():
                    help="PTQ checkpoint (INT8), or any checkpoint with --fp16 (default: the demo PTQ one)")
     p.add_argument("--fp16", action="store_true", help="export the float graph for an FP16 engine (no Q/DQ)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default qat/onnx_int8 or qat/onnx_fp16)")
-    p.add_argument("--opset", type=int, default=13, help="ONNX opset, 13 or newer (default 13)")
+    p.add_argument("--tensorrt", choices=tuple(TARGETS), default=DEFAULT_TARGET,
+                   help="TensorRT the graphs are for: 10 or 11 build strongly typed graphs (FP16 tensors and I/O, "
+                        "INT8 as Q/DQ with FP16 scales); 8 (JetPack 5/6.0) builds classic FP32 graphs with "
+                        f"--fp16/--int8 flags (default {DEFAULT_TARGET}, whose build command also works on 11)")
+    p.add_argument("--io", choices=("fp16", "fp32"), default="fp16",
+                   help="type of the inputs and outputs of a typed graph (default fp16, as CUDA-BEVFusion binds them)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the target's, 19 typed, 13 classic)")
     cli.add_device(p)
     p.add_argument("--no-simplify", dest="simplify", action="store_false", help="skip onnxsim")
     cli.add_data(p, "example-data folder for validation")
@@ -37,9 +44,8 @@ def parser():
 
 
 def main(args) -> None:
-    if args.opset < 13:
-        raise LeanError(f"--opset {args.opset} is too old: per-channel Q/DQ needs opset 13 or newer")
-    opts = ExportOptions(ckpt=args.ckpt, out_dir=args.out, fp16=args.fp16, opset=args.opset, device=args.device,
+    opts = ExportOptions(ckpt=args.ckpt, out_dir=args.out, fp16=args.fp16, tensorrt=args.tensorrt, io=args.io,
+                         opset=args.opset, device=args.device,
                          simplify=args.simplify, data=args.data, check_bev=args.check_bev, plot=args.plot,
                          **cli.rig_options(args))
     report = export_camera(opts)

@@ -6,14 +6,31 @@ ONNX Runtime's (for the end-to-end check), so the two chains differ only by the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lean.errors import LeanError
 from lean.geometry import bev_pool, frustum_geometry
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """The pooling's buffers, kept in their own types: an FP16 model's would lose the grid (0.3 m
+    is 0.2998 m in FP16)."""
+
+    frustum: torch.Tensor
+    dx: torch.Tensor
+    bx: torch.Tensor
+    nx: torch.Tensor
+
+    @classmethod
+    def of(cls, model_or_vtransform) -> "Geometry":
+        return cls(*(t.clone() for t in _buffers(model_or_vtransform)))
+
+
 def _buffers(model_or_vtransform):
-    """frustum, dx, bx, nx of a CameraBranch or of its DepthLSSTransform (anything holding them)."""
+    """frustum, dx, bx, nx of a CameraBranch, its DepthLSSTransform or a Geometry (anything holding them)."""
     vt = getattr(model_or_vtransform, "vtransform", model_or_vtransform)
     try:
         return vt.frustum, vt.dx, vt.bx, vt.nx

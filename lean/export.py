@@ -1,8 +1,10 @@
 """Export the camera branch to the two ONNX files the CUDA-BEVFusion runtime binds by name.
 
 The orchestration of the stages, each in its own module:
-checkpoint (``lean.checkpoint``) -> model (``lean.build``) -> trace (``lean.trace``) ->
-simplify (``lean.simplify``) -> validate (``lean.validate``) -> report (``lean.report``).
+checkpoint (``lean.checkpoint``) -> model (``lean.build``) -> PyTorch reference and trace
+(``lean.trace``) -> simplify (``lean.simplify``) -> typing check (``lean.typecheck``) and
+validate (``lean.validate``) -> report (``lean.report``). The target (``lean.target``) decides
+the graph: strongly typed FP16/INT8 for TensorRT 10/11, classic FP32 + Q/DQ for TensorRT 8.
 Every file is first written to a temporary name; all of them (both graphs and report.json) are
 renamed into place only after both graphs and the end-to-end check validated.
 """
@@ -21,17 +23,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from lean.bev import pool_to_bev
+from lean.bev import Geometry, pool_to_bev
 from lean.build import build_model, resolve_config, resolve_device, versions
 from lean.checkpoint import read_checkpoint
 from lean.config import DEFAULT_DATA
 from lean.data import load_inputs
+from lean.errors import LeanError
 from lean.io import atomic_path, ensure_writable
 from lean.models import BackboneGraph, VTransformGraph
+from lean.quant.qdq import clamp_scales_to_fp16
 from lean.report import ExportReport, GraphResult, Stages, qdq_pairs
 from lean.simplify import simplify
-from lean.trace import annotate, exact_float32, trace
-from lean.validate import check_bev, validate
+from lean.target import DEFAULT_TARGET, Target, get_target
+from lean.trace import CastIO, annotate, exact_float32, reference, to_proto, trace
+from lean.typecheck import check_typing
+from lean.validate import check_bev, tolerance, validate
 
 BACKBONE_FILE = "camera.backbone.onnx"
 VTRANSFORM_FILE = "camera.vtransform.onnx"
@@ -43,7 +49,9 @@ class ExportOptions:
     ckpt: Path
     out_dir: Path | None = None  # default qat/onnx_int8 or qat/onnx_fp16, as the seed
     fp16: bool = False
-    opset: int = 13
+    tensorrt: str = DEFAULT_TARGET  # "10"/"11": strongly typed graphs; "8": classic
+    opset: int | None = None  # None: the target's
+    io: str = "fp16"  # typed targets: the type of the graphs' inputs and outputs ("fp16" or "fp32")
     device: str = "auto"
     simplify: bool = True
     data: Path = DEFAULT_DATA
@@ -81,35 +89,45 @@ VTRANSFORM = GraphSpec(VTRANSFORM_FILE, VTransformGraph, ("feat_out",))
 class ExportedGraph:
     result: GraphResult
     path: Path  # the validated file under its temporary name
-    reference: dict[str, torch.Tensor]  # PyTorch's outputs
     onnx_outputs: dict[str, np.ndarray]  # ONNX Runtime's outputs
 
 
 class _GraphWriter:
-    """Trace -> simplify -> write (temporary name) -> validate, for each graph of one export."""
+    """Trace -> simplify -> typing check -> write (temporary name) -> validate, for each graph of one export."""
 
-    def __init__(self, opts: ExportOptions, out_dir: Path, props: dict, stages: Stages, pending: ExitStack):
-        self.opts, self.out_dir, self.props, self.stages, self.pending = opts, out_dir, props, stages, pending
+    def __init__(self, opts: ExportOptions, target: Target, opset: int, out_dir: Path, props: dict, stages: Stages,
+                 pending: ExitStack):
+        self.opts, self.target, self.opset, self.out_dir = opts, target, opset, out_dir
+        self.props, self.stages, self.pending = props, stages, pending
+        self.tolerance = tolerance(opts.precision, target.typed)
 
-    def __call__(self, spec: GraphSpec, model: nn.Module, inputs: dict[str, torch.Tensor]) -> ExportedGraph:
+    def __call__(self, spec: GraphSpec, module: nn.Module, inputs: dict[str, torch.Tensor],
+                 ref: dict[str, torch.Tensor]) -> ExportedGraph:
         import onnx
 
         name, stages = spec.file, self.stages
         t0 = time.perf_counter()
-        with stages("export", f"tracing {name} (opset {self.opts.opset}); the tracing forward is the PyTorch reference"):
-            proto, reference = trace(spec.part(model), inputs, list(spec.outputs), self.opts.opset)
+        with stages("export", f"exporting {name} (torch.export, opset {self.opset})"):
+            model = trace(module, inputs, list(spec.outputs), self.opset)
+        nodes = (len(model.graph), len(model.graph))
         if self.opts.simplify:
-            with stages("simplify", f"simplifying {name} with onnxsim"):
-                proto = simplify(proto)
+            with stages("simplify", f"simplifying {name} (onnxscript optimizer)"):
+                nodes = simplify(model)
+        proto = to_proto(model, self.opset)
+        with stages("typecheck", f"checking {name} is typed for TensorRT {self.target.name}"):
+            typing = check_typing(proto, self.target, self.opts.io, name)
         annotate(proto, self.props)
         tmp = self.pending.enter_context(atomic_path(self.out_dir / name))
         with stages("write", f"writing {name}"):
             onnx.save(proto, str(tmp))
         with stages("validate", f"validating {name} (onnx.checker + ONNX Runtime vs PyTorch)"):
-            outputs, onnx_outputs = validate(tmp, inputs, reference, self.opts.precision, name)
+            outputs, onnx_outputs = validate(tmp, inputs, ref, self.tolerance, name)
         result = GraphResult(name, size=tmp.stat().st_size, nodes=len(proto.graph.node), qdq_pairs=qdq_pairs(proto),
-                             seconds=time.perf_counter() - t0, outputs=outputs)
-        return ExportedGraph(result, tmp, reference, onnx_outputs)
+                             seconds=time.perf_counter() - t0, outputs=outputs, typing=typing,
+                             simplify={"nodes_before": nodes[0], "nodes_after": nodes[1]},
+                             build_command=self.target.build_command(self.out_dir / name, len(inputs), len(spec.outputs),
+                                                                     self.opts.precision))
+        return ExportedGraph(result, tmp, onnx_outputs)
 
 
 def export_camera(opts: ExportOptions) -> ExportReport:
@@ -119,6 +137,11 @@ def export_camera(opts: ExportOptions) -> ExportReport:
 
 def _export_camera(opts: ExportOptions) -> ExportReport:
     stages = Stages()
+    target = get_target(opts.tensorrt)
+    opset = opts.opset if opts.opset is not None else target.opset
+    target.check_opset(opset)
+    if opts.io not in ("fp16", "fp32"):
+        raise LeanError(f"unknown --io {opts.io!r}: choose fp16 or fp32")
     device = resolve_device(opts.device)
     out_dir = opts.output_dir()
     precision = opts.precision
@@ -131,25 +154,45 @@ def _export_camera(opts: ExportOptions) -> ExportReport:
     with stages("build", f"building the {cfg.backbone} {precision.upper()} model on {device}"):
         # Channels-last: oneDNN and cuDNN convs run faster on NHWC; the graph is the same.
         model = build_model(ckpt, cfg, precision, opts.rebuild_frustum).to(device, memory_format=torch.channels_last)
+        clamped = 0
+        if target.typed and precision == "int8":
+            # The reference computes in FP32 with the FP16 weights and scales the typed graph stores.
+            clamped = clamp_scales_to_fp16(model)
+            model.half().float()
     with stages("data", f"reading example data {opts.data}"):
         sample, img, depth = load_inputs(opts.data, cfg)
         img, depth = img.to(device), depth.to(device)
+    with stages("reference", "PyTorch reference forward (FP32) of both graphs"):
+        ref_backbone = reference(BackboneGraph(model), {"img": img, "depth": depth}, list(BACKBONE.outputs))
+        bev_in = pool_to_bev(ref_backbone["camera_feature"], ref_backbone["camera_depth_weights"], sample, model).to(device)
+        ref_vtransform = reference(VTransformGraph(model), {"feat_in": bev_in}, list(VTRANSFORM.outputs))
+
+    io_dtype = torch.float16 if target.typed and opts.io == "fp16" else torch.float32
+    geometry = Geometry.of(model)
+    if target.typed:
+        model.half()  # every weight, bias and Q/DQ scale FP16: the exporter writes the types it sees
+
+    def part(spec: GraphSpec) -> nn.Module:
+        module = spec.part(model)
+        return CastIO(module) if target.typed and opts.io == "fp32" else module
 
     calibration = ckpt.meta.get("calibration", {}) if ckpt.kind == "ptq" and precision == "int8" else None
     props = {"precision": precision, "backbone": cfg.backbone, "image_size": "x".join(map(str, cfg.image_size)),
              "cameras": cfg.cameras, "source_format": ckpt.source,
              "calibration": json.dumps(calibration) if calibration is not None else "none",
-             "checkpoint_sha256": ckpt.sha256}
+             "checkpoint_sha256": ckpt.sha256, "tensorrt": target.name, "typing": target.typing,
+             "io": "fp32" if io_dtype == torch.float32 else "fp16"}
     with ExitStack() as pending:
-        export_graph = _GraphWriter(opts, out_dir, props, stages, pending)
-        backbone = export_graph(BACKBONE, model, {"img": img, "depth": depth})
-        with stages("pool", "pooling PyTorch's camera features to BEV (the vtransform's input)"):
-            ref = backbone.reference
-            bev_in = pool_to_bev(ref["camera_feature"], ref["camera_depth_weights"], sample, model).to(device)
-        vtransform = export_graph(VTRANSFORM, model, {"feat_in": bev_in})
+        export_graph = _GraphWriter(opts, target, opset, out_dir, props, stages, pending)
+        backbone = export_graph(BACKBONE, part(BACKBONE), {"img": img.to(io_dtype), "depth": depth.to(io_dtype)},
+                                ref_backbone)
+        vtransform = export_graph(VTRANSFORM, part(VTRANSFORM), {"feat_in": bev_in.to(io_dtype)}, ref_vtransform)
         facts = {
-            "out_dir": str(out_dir), "opset": opts.opset, "device": str(device),
+            "out_dir": str(out_dir), "opset": opset, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+            "target": {"tensorrt": target.name, "runtimes": target.runtimes, "typing": target.typing,
+                       "io": props["io"], "fp16_scales_clamped": clamped if target.typed else None,
+                       "fp32_islands": []},
             "config": cfg.to_dict(),
             "checkpoint": {"path": str(opts.ckpt), "sha256": ckpt.sha256, "source_format": ckpt.source,
                            "kind": ckpt.kind, "meta": ckpt.meta},
@@ -160,8 +203,8 @@ def _export_camera(opts: ExportOptions) -> ExportReport:
             with stages("check_bev", "end-to-end BEV check: ONNX backbone -> BEV pool -> ONNX vtransform"):
                 report.facts["bev_check"] = check_bev(
                     backbone.onnx_outputs["camera_feature"], backbone.onnx_outputs["camera_depth_weights"],
-                    vtransform.path, model, sample, vtransform.reference["feat_out"], precision,
-                    out_dir if opts.plot else None,
+                    vtransform.path, geometry, sample, ref_vtransform["feat_out"],
+                    tolerance(precision, target.typed, bev=True), cfg, out_dir if opts.plot else None,
                 )
         report_tmp = pending.enter_context(atomic_path(out_dir / REPORT_FILE))
         report_tmp.write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")

@@ -19,6 +19,9 @@ class GraphResult:
     qdq_pairs: int = 0
     seconds: float = 0.0
     outputs: dict = field(default_factory=dict)  # name -> {shape, max_abs_err, cosine, tolerance, ...}
+    typing: dict = field(default_factory=dict)  # lean.typecheck's facts
+    simplify: dict = field(default_factory=dict)  # nodes before and after
+    build_command: str = ""
 
     @property
     def max_error(self) -> float:
@@ -85,6 +88,11 @@ def summary_table(report: ExportReport) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    target = report.facts.get("target")
+    if target:
+        lines += ["", f"TensorRT {target['tensorrt']} ({target['runtimes']}): {target['typing']}, I/O {target['io'].upper()}, "
+                  f"opset {report.facts.get('opset')}. Build the engines with:"]
+        lines += [f"  {g.build_command}" for g in report.graphs]
     return "\n".join(lines)
 
 

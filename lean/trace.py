@@ -1,19 +1,35 @@
-"""Model -> ONNX proto: one graph traced, its tracing forward kept as the PyTorch reference.
+"""Model -> ONNX with PyTorch's torch.export-based exporter (``dynamo=True``, onnxscript).
 
-The TorchScript exporter (``dynamo=False``) runs a real forward on the real inputs while it
-traces. A forward hook keeps that forward's outputs, so validation needs no second forward.
+The exporter runs no forward on real data, so the PyTorch reference is a separate forward
+(``reference``). Each Q/DQ module is one custom operator (``lean::quantize_dequantize``), written
+here as exactly one QuantizeLinear -> DequantizeLinear in the dtype of its input and scale: FP16
+in a typed graph, FP32 in a classic one.
+
+The exporter builds opset 18 or newer (torchlib's floor). For the classic TensorRT 8 graph it is
+built at 18 and written down to the asked opset by ``to_opset``: onnx's own version converter
+fails on these graphs ("No Adapter From Version $14 for Relu"), and for every operator here the
+versions after 13 only added types, or attributes whose default keeps the opset-13 meaning.
 """
 
 from __future__ import annotations
 
-import io
+import logging
 import warnings
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
 import lean
+from lean.errors import LeanError
+
+EXPORTER_MIN_OPSET = 18
+# Attributes newer than opset 13, with the value that keeps the opset-13 behaviour.
+NEWER_DEFAULTS = {
+    ("QuantizeLinear", "saturate"): 1, ("Resize", "antialias"): 0, ("Resize", "keep_aspect_ratio_policy"): b"stretch",
+    ("Reshape", "allowzero"): 0,
+}
 
 
 @contextmanager
@@ -28,28 +44,116 @@ def exact_float32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+class CastIO(nn.Module):
+    """FP32 bindings around an FP16 graph (``--io fp32``): one Cast per input and per output."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        out = self.inner(*(a.half() for a in args))
+        return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
+
+
+@torch.no_grad()
+def reference(module: nn.Module, inputs: dict[str, torch.Tensor], output_names: list[str]) -> dict[str, torch.Tensor]:
+    """The PyTorch outputs the graph must reproduce (under no_grad: no activation is kept)."""
+    out = module(*inputs.values())
+    return dict(zip(output_names, out if isinstance(out, (tuple, list)) else (out,)))
+
+
+def _qdq_translation(opset: int):
+    """The ONNX form of ``lean::quantize_dequantize``: QuantizeLinear -> DequantizeLinear, zero point 0
+    (int8), per channel on ``axis`` for weights. The opset-13 form below 19, where
+    QuantizeLinear-19's ``saturate`` attribute does not exist yet."""
+    import onnx_ir as ir
+    import onnxscript
+
+    op = onnxscript.values.Opset("", 19 if opset >= 19 else 13)
+
+    def quantize_dequantize(x, scale, axis: int | None = None):
+        zero = op.Constant(value=ir.tensor(np.zeros(() if axis is None else tuple(scale.shape), np.int8)))
+        kw = {} if axis is None else {"axis": axis}
+        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero, **kw), scale, zero, **kw)
+
+    return quantize_dequantize
+
+
 def trace(module: nn.Module, inputs: dict[str, torch.Tensor], output_names: list[str], opset: int):
-    """``torch.onnx.export`` of ``module`` on ``inputs`` (named as the graph's inputs) to a proto.
-
-    Returns (proto, {output name: PyTorch output}). Under no_grad: with autograd on, the tracer's
-    forward keeps every activation for a backward that never comes.
-    """
-    import onnx
-
-    seen = []
-    hook = module.register_forward_hook(lambda _module, _args, out: seen.append(out))
-    buf = io.BytesIO()
+    """torch.export -> ONNX IR model (``onnx_ir.Model``), unoptimized, at ``max(opset, 18)``."""
+    table = {torch.ops.lean.quantize_dequantize.default: _qdq_translation(opset)}
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "torchvision is not installed" and the like, on every export
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module, tuple(inputs.values()), buf, opset_version=opset, input_names=list(inputs),
-                output_names=output_names, do_constant_folding=True, dynamo=False,
+            program = torch.onnx.export(
+                module, tuple(inputs.values()), dynamo=True, opset_version=max(opset, EXPORTER_MIN_OPSET),
+                input_names=list(inputs), output_names=output_names, custom_translation_table=table,
+                optimize=False, external_data=False, verbose=False,
             )
     finally:
-        hook.remove()
-    outputs = seen[-1] if isinstance(seen[-1], (tuple, list)) else (seen[-1],)
-    return onnx.load_from_string(buf.getvalue()), dict(zip(output_names, outputs))
+        quiet.setLevel(level)
+    return program.model
+
+
+def to_proto(model, opset: int):
+    """ONNX IR model -> ModelProto at ``opset``, without the exporter's per-node metadata (stack
+    traces with the exporting machine's paths: the same export gives the same bytes anywhere)."""
+    import onnx_ir as ir
+
+    proto = ir.to_proto(model)
+    for item in (*proto.graph.node, *proto.graph.value_info, *proto.graph.input, *proto.graph.output,
+                 *proto.graph.initializer):
+        del item.metadata_props[:]
+    _drop_reshape_allowzero(proto)
+    if opset < EXPORTER_MIN_OPSET:
+        to_opset(proto, opset)
+    return proto
+
+
+def _drop_reshape_allowzero(proto) -> None:
+    """torch writes Reshape(allowzero=1); with a constant shape holding no 0 it means what the default
+    (and opset 13, and older TensorRT parsers) mean."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    consts = {n.output[0]: n.attribute[0].t for n in proto.graph.node
+              if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    for node in proto.graph.node:
+        az = [a for a in node.attribute if a.name == "allowzero"] if node.op_type == "Reshape" else []
+        if not az or az[0].i == 0:
+            continue
+        shape = inits[node.input[1]] if node.input[1] in inits else consts.get(node.input[1])
+        if shape is not None and not (numpy_helper.to_array(shape) == 0).any():
+            node.attribute.remove(az[0])
+
+
+def to_opset(proto, target: int) -> None:
+    """Write a graph built at opset 18 down to ``target`` (in place), or refuse with the reason."""
+    from onnx import defs, helper
+
+    for node in proto.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            raise LeanError(f"cannot write {node.name} ({node.domain}) at opset {target}: use a newer --opset")
+        try:
+            schema = defs.get_schema(node.op_type, target)
+        except defs.SchemaError:
+            raise LeanError(f"{node.op_type} does not exist at opset {target}: use a newer --opset") from None
+        keep = []
+        for a in node.attribute:
+            if a.name in schema.attributes:
+                keep.append(a)
+            elif NEWER_DEFAULTS.get((node.op_type, a.name)) != helper.get_attribute_value(a):
+                raise LeanError(f"{node.name}: {a.name}={helper.get_attribute_value(a)!r} has no opset-{target} "
+                                "form: use a newer --opset")
+        del node.attribute[:]
+        node.attribute.extend(keep)
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = target
 
 
 def annotate(model, props: dict) -> None:

@@ -27,6 +27,10 @@ QMIN, QMAX = -128, 127  # ONNX QuantizeLinear int8 has no narrow range
 _PLACEHOLDER = re.compile(r"(.*\.)?(residual_quantizer|quant_concat\d+)")
 
 
+FP16_MIN_NORMAL = 2.0**-14  # a smaller FP16 scale is subnormal (or 0): TensorRT needs positive normal scales
+FP16_MAX = 65504.0
+
+
 def int8_scale(amax: torch.Tensor) -> torch.Tensor:
     """Float32 scale ``amax / 127`` (flattened); a channel with amax 0 gets scale 1, as ModelOpt's exporter does."""
     amax = amax.detach().float().flatten()
@@ -46,18 +50,16 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, axis: int | None) -> torch.
     return torch.div(x.float(), s).round_().clamp_(QMIN, QMAX).mul_(s).to(x.dtype)
 
 
-class _QuantizeDequantize(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale, axis):
-        return fake_quant(x, scale, axis)
+@torch.library.custom_op("lean::quantize_dequantize", mutates_args=())
+def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+    """One Q/DQ pair as one operator: the exporter sees it whole and writes exactly one
+    QuantizeLinear -> DequantizeLinear for it (``lean.trace``), in the dtype of ``x`` and ``scale``."""
+    return fake_quant(x, scale, axis)
 
-    @staticmethod
-    def symbolic(g, x, scale, axis):
-        zero = torch.zeros(() if axis is None else scale.type().sizes(), dtype=torch.int8)
-        zero = g.op("Constant", value_t=zero)
-        kwargs = {} if axis is None else {"axis_i": axis}
-        q = g.op("QuantizeLinear", x, scale, zero, **kwargs)
-        return g.op("DequantizeLinear", q, scale, zero, **kwargs)
+
+@quantize_dequantize.register_fake
+def _(x, scale, axis=None):
+    return torch.empty_like(x)
 
 
 class QDQ(nn.Module):
@@ -73,7 +75,7 @@ class QDQ(nn.Module):
         self.register_buffer("scale", scale.reshape(()) if axis is None else scale, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _QuantizeDequantize.apply(x, self.scale, self.axis)
+        return quantize_dequantize(x, self.scale, self.axis)
 
     def extra_repr(self) -> str:
         return f"axis={self.axis}, channels={self.scale.numel()}"
@@ -150,3 +152,19 @@ def split_amax(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     amax = {k: v for k, v in state_dict.items() if k.endswith("._amax")}
     return {k: v for k, v in state_dict.items() if k not in amax}, amax
 
+
+
+def clamp_scales_to_fp16(model: nn.Module) -> int:
+    """Keep every Q/DQ scale a positive normal FP16 number before the model goes to half (in place).
+
+    amax / 127 of a dead or tiny channel would round to a subnormal or to 0 in FP16; it is raised
+    to FP16's smallest normal instead (values of such a channel quantize to 0 either way). Returns
+    how many scale values were clamped.
+    """
+    clamped = 0
+    for q in model.modules():
+        if isinstance(q, QDQ):
+            low, high = q.scale < FP16_MIN_NORMAL, q.scale > FP16_MAX
+            clamped += int(low.sum() + high.sum())
+            q.scale = q.scale.clamp(FP16_MIN_NORMAL, FP16_MAX)
+    return clamped
