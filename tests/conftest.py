@@ -44,10 +44,20 @@ def small_ptq_ckpt(tmp_path_factory, small_float_ckpt, example_dir):
     return path
 
 
-@pytest.fixture(scope="session")
-def small_int8_export(tmp_path_factory, small_ptq_ckpt, example_dir):
-    """(report, folder) of an INT8 export of the small PTQ checkpoint."""
+def _small_export(tmp_path_factory, ckpt, data, name, **kw):
     from lean.export import ExportOptions, export_camera
 
-    out = tmp_path_factory.mktemp("int8")
-    return export_camera(ExportOptions(ckpt=small_ptq_ckpt, out_dir=out, data=example_dir, cameras=SMALL.cameras)), out
+    out = tmp_path_factory.mktemp(name)
+    return export_camera(ExportOptions(ckpt=ckpt, out_dir=out, data=data, cameras=SMALL.cameras, **kw)), out
+
+
+@pytest.fixture(scope="session")
+def small_int8_export(tmp_path_factory, small_ptq_ckpt, example_dir):
+    """(report, folder) of the default INT8 export (typed, TensorRT 10/11) of the small PTQ checkpoint."""
+    return _small_export(tmp_path_factory, small_ptq_ckpt, example_dir, "int8")
+
+
+@pytest.fixture(scope="session")
+def small_classic_export(tmp_path_factory, small_ptq_ckpt, example_dir):
+    """(report, folder) of the classic INT8 export (TensorRT 8) of the small PTQ checkpoint."""
+    return _small_export(tmp_path_factory, small_ptq_ckpt, example_dir, "int8-trt8", tensorrt="8")

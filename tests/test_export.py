@@ -6,7 +6,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from lean.checkpoint import infer_config, read_checkpoint, save_official
 from lean.config import CameraConfig
@@ -15,6 +15,7 @@ from lean.errors import LeanError
 from lean.export import BACKBONE_FILE, VTRANSFORM_FILE, ExportOptions, export_camera
 from lean.quantize import PTQOptions, run_ptq
 from lean.scene import make_demo_model
+from lean.typecheck import FLOATS, value_types
 
 from helpers import SMALL, onnx_io
 
@@ -29,9 +30,24 @@ def int8(small_int8_export):
 
 
 @pytest.fixture(scope="module")
+def int8_classic(small_classic_export):
+    return small_classic_export
+
+
+@pytest.fixture(scope="module")
 def fp16(tmp_path_factory, small_ptq_ckpt, example_dir):
     out = tmp_path_factory.mktemp("fp16")
     return export(small_ptq_ckpt, out, example_dir, fp16=True), out
+
+
+@pytest.fixture(scope="module")
+def fp16_classic(tmp_path_factory, small_ptq_ckpt, example_dir):
+    out = tmp_path_factory.mktemp("fp16-trt8")
+    return export(small_ptq_ckpt, out, example_dir, fp16=True, tensorrt="8"), out
+
+
+INT8 = ["int8", "int8_classic"]
+ALL = ["int8", "int8_classic", "fp16", "fp16_classic"]
 
 
 def graph(path):
@@ -46,17 +62,42 @@ def dq_scale(node, producers, inits):
     return inits[scale] if scale in inits else numpy_helper.to_array(producers[scale].attribute[0].t)
 
 
-def test_contract_names_and_shapes(int8, fp16):
-    for _, out in (int8, fp16):
-        assert onnx_io(out / BACKBONE_FILE) == {
-            "img": [1, 2, 3, 64, 176], "depth": [1, 2, 1, 64, 176],
-            "camera_feature": [2, 8, 22, 80], "camera_depth_weights": [2, 118, 8, 22]}
-        assert onnx_io(out / VTRANSFORM_FILE) == {"feat_in": [1, 80, 360, 360], "feat_out": [1, 80, 180, 180]}
-        assert onnx.load(str(out / BACKBONE_FILE)).opset_import[0].version == 13
+@pytest.mark.parametrize("which", ALL)
+def test_contract_names_and_shapes(request, which):
+    _, out = request.getfixturevalue(which)
+    assert onnx_io(out / BACKBONE_FILE) == {
+        "img": [1, 2, 3, 64, 176], "depth": [1, 2, 1, 64, 176],
+        "camera_feature": [2, 8, 22, 80], "camera_depth_weights": [2, 118, 8, 22]}
+    assert onnx_io(out / VTRANSFORM_FILE) == {"feat_in": [1, 80, 360, 360], "feat_out": [1, 80, 180, 180]}
+    for name in (BACKBONE_FILE, VTRANSFORM_FILE):
+        assert onnx.load(str(out / name)).opset_import[0].version == (13 if "classic" in which else 19)
 
 
-def test_every_conv_has_qdq_on_input_and_weight(int8):
-    model, producers, inits = graph(int8[1] / BACKBONE_FILE)
+@pytest.mark.parametrize("which", ALL)
+def test_every_tensor_has_the_targets_type(request, which):
+    """Typed: FP16 everywhere, inputs, outputs and Q/DQ scales included; classic: FP32 everywhere."""
+    _, out = request.getfixturevalue(which)
+    want = TensorProto.FLOAT if "classic" in which else TensorProto.FLOAT16
+    for name in (BACKBONE_FILE, VTRANSFORM_FILE):
+        model = onnx.load(str(out / name))
+        types = value_types(model)
+        floats = {n: t for n, t in types.items() if t in FLOATS}
+        assert floats and set(floats.values()) == {want}, name
+        assert {v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)} == {want}
+        assert not [n for n in model.graph.node if n.op_type == "Cast"]
+
+
+def test_fp32_io_around_an_fp16_graph(tmp_path, small_ptq_ckpt, example_dir):
+    report = export(small_ptq_ckpt, tmp_path, example_dir, fp16=True, io="fp32", check_bev=False)
+    model = onnx.load(str(tmp_path / BACKBONE_FILE))
+    assert {v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)} == {TensorProto.FLOAT}
+    assert [n.op_type for n in model.graph.node].count("Cast") == 4  # one per input and output
+    assert report.facts["target"]["io"] == "fp32"
+
+
+@pytest.mark.parametrize("which", INT8)
+def test_every_conv_has_qdq_on_input_and_weight(request, which):
+    model, producers, inits = graph(request.getfixturevalue(which)[1] / BACKBONE_FILE)
     conv = [n for n in model.graph.node if n.op_type == "Conv"]
     assert len(conv) == 63  # 53 backbone + 4 neck + 3 dtransform + 3 depthnet
     for n in conv:
@@ -69,14 +110,17 @@ def test_every_conv_has_qdq_on_input_and_weight(int8):
         assert zp.dtype == np.int8 and not zp.any()
 
 
-def test_downsample_and_fp16_graphs_have_no_qdq(int8, fp16):
-    for path in (int8[1] / VTRANSFORM_FILE, fp16[1] / VTRANSFORM_FILE, fp16[1] / BACKBONE_FILE):
+@pytest.mark.parametrize("which", ALL)
+def test_downsample_and_fp16_graphs_have_no_qdq(request, which):
+    _, out = request.getfixturevalue(which)
+    for path in [out / VTRANSFORM_FILE] + ([out / BACKBONE_FILE] if which.startswith("fp16") else []):
         ops = {n.op_type for n in onnx.load(str(path)).graph.node}
         assert not ops & {"QuantizeLinear", "DequantizeLinear"}, path
 
 
-def test_residual_add_quantizes_only_the_identity(int8):
-    model, producers, _ = graph(int8[1] / BACKBONE_FILE)
+@pytest.mark.parametrize("which", INT8)
+def test_residual_add_quantizes_only_the_identity(request, which):
+    model, producers, _ = graph(request.getfixturevalue(which)[1] / BACKBONE_FILE)
     adds = [n for n in model.graph.node if n.op_type == "Add"]
     assert len(adds) == 16
     for n in adds:
@@ -84,8 +128,9 @@ def test_residual_add_quantizes_only_the_identity(int8):
         assert kinds == ["Conv", "DequantizeLinear"], n.name
 
 
-def test_neck_concats_share_one_scale(int8):
-    model, producers, inits = graph(int8[1] / BACKBONE_FILE)
+@pytest.mark.parametrize("which", INT8)
+def test_neck_concats_share_one_scale(request, which):
+    model, producers, inits = graph(request.getfixturevalue(which)[1] / BACKBONE_FILE)
     quantized = [n for n in model.graph.node if n.op_type == "Concat"
                  and all(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input)]
     assert len(quantized) == 2
@@ -94,28 +139,42 @@ def test_neck_concats_share_one_scale(int8):
         assert len(scales) == 1, n.name
 
 
-def test_report_and_metadata(int8):
-    report, out = int8
+@pytest.mark.parametrize("which", INT8)
+def test_report_and_metadata(request, which):
+    report, out = request.getfixturevalue(which)
+    classic = "classic" in which
     data = json.loads((out / "report.json").read_text())
-    assert data["precision"] == "int8" and data["opset"] == 13
+    assert data["precision"] == "int8" and data["opset"] == (13 if classic else 19)
+    assert data["target"]["tensorrt"] == ("8" if classic else "10")
     assert data["checkpoint"]["source_format"] == "lean-ptq" and len(data["checkpoint"]["sha256"]) == 64
     assert set(data["files"]) == {BACKBONE_FILE, VTRANSFORM_FILE}
     for name in (BACKBONE_FILE, VTRANSFORM_FILE):
         f = data["files"][name]
         assert f["size"] == (out / name).stat().st_size and f["nodes"] > 0
         assert all(o["ok"] for o in f["outputs"].values())
+        assert f["simplify"]["nodes_before"] >= f["simplify"]["nodes_after"] == f["nodes"]
+        assert f["build_command"].startswith(f"trtexec --onnx={out / name} ")
+        assert ("--int8" in f["build_command"]) == classic and ("--stronglyTyped" in f["build_command"]) != classic
     assert data["files"][BACKBONE_FILE]["qdq_pairs"] > 100
     assert data["bev_check"]["ok"] and data["bev_check"]["shape"] == [1, 80, 180, 180]
     props = {p.key: p.value for p in onnx.load(str(out / BACKBONE_FILE)).metadata_props}
     assert props["precision"] == "int8" and json.loads(props["calibration"])["method"] == "max"
+    assert props["tensorrt"] == data["target"]["tensorrt"] and props["typing"] == data["target"]["typing"]
     assert onnx.load(str(out / BACKBONE_FILE)).producer_name == "lean"
 
 
-def test_fp16_graph_matches_pytorch_to_1e4(fp16):
-    report, _ = fp16
-    for g in report.graphs:
+def test_fp16_graphs_match_pytorch(fp16, fp16_classic):
+    for g in fp16_classic[0].graphs:  # FP32 tensors: to 1e-4 of the range
         for o in g.outputs.values():
             assert o["max_abs_err"] <= 1e-4 * o["ref_max_abs"]
+    for g in fp16[0].graphs:  # FP16 tensors
+        assert all(o["cosine"] >= 0.9995 for o in g.outputs.values())
+    assert fp16[0].facts["bev_check"]["cosine"] >= 0.999
+
+
+def test_typed_int8_matches_pytorch(int8):
+    assert all(o["cosine"] >= 0.97 for g in int8[0].graphs for o in g.outputs.values())
+    assert int8[0].facts["target"]["fp16_scales_clamped"] >= 0
 
 
 def test_quantized_downsample_exports_with_qdq(tmp_path, small_float_ckpt, example_dir):

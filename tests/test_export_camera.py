@@ -44,8 +44,9 @@ def test_bad_image_size_fails_before_any_work(tmp_path, small_ptq_ckpt):
     assert_one_line_error(cli("--ckpt", small_ptq_ckpt, "--image-size", "big"), "HxW")
 
 
-def test_old_opset_is_refused(tmp_path, small_ptq_ckpt):
-    assert_one_line_error(cli("--ckpt", small_ptq_ckpt, "--opset", "11"), "opset 13")
+def test_opset_must_fit_the_target(tmp_path, small_ptq_ckpt):
+    assert_one_line_error(cli("--ckpt", small_ptq_ckpt, "--opset", "13"), "--tensorrt 10", "19")
+    assert_one_line_error(cli("--ckpt", small_ptq_ckpt, "--opset", "11", "--tensorrt", "8"), "13 to 17")
 
 
 @pytest.fixture(scope="module")

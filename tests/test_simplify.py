@@ -1,11 +1,11 @@
 import numpy as np
-import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from lean.simplify import simplify
 
 
-def test_simplify_folds_constant_work_and_keeps_the_result():
+def test_simplify_folds_constant_work_and_counts_nodes():
     # y = x + (a * b): the product of two initializers folds into one constant.
     a = numpy_helper.from_array(np.full((2,), 2.0, np.float32), "a")
     b = numpy_helper.from_array(np.full((2,), 3.0, np.float32), "b")
@@ -13,7 +13,6 @@ def test_simplify_folds_constant_work_and_keeps_the_result():
         [helper.make_node("Mul", ["a", "b"], ["ab"]), helper.make_node("Add", ["x", "ab"], ["y"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [a, b])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    simplified = simplify(model)
-    assert [n.op_type for n in simplified.graph.node] == ["Add"]
-    onnx.checker.check_model(simplified)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]))
+    assert simplify(model) == (2, 1)
+    assert [n.op_type for n in model.graph] == ["Add"]

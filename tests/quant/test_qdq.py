@@ -1,6 +1,3 @@
-import io
-
-import onnx
 import pytest
 import torch
 
@@ -79,18 +76,3 @@ def test_fake_quant_is_quantize_linear_arithmetic():
     # Ties go to even, as QuantizeLinear rounds.
     ties = torch.tensor([0.5, 1.5, 2.5, -0.5]) * 0.25
     assert (fake_quant(ties, torch.tensor(0.25), None) / 0.25).tolist() == [0.0, 2.0, 2.0, 0.0]
-
-
-def test_qdq_traces_to_one_quantize_dequantize_pair():
-    conv = torch.nn.Conv2d(3, 4, 3)
-    layer = torch.nn.Sequential(QDQ(torch.tensor(2.0)), conv)
-    buf = io.BytesIO()
-    with torch.no_grad():
-        torch.onnx.export(layer, (torch.randn(1, 3, 8, 8),), buf, opset_version=13, dynamo=False)
-    graph = onnx.load_from_string(buf.getvalue()).graph
-    ops = [n.op_type for n in graph.node]
-    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1
-    consts = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
-    consts.update({i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer})
-    q = next(n for n in graph.node if n.op_type == "QuantizeLinear")
-    assert consts[q.input[1]].item() == pytest.approx(2 / 127) and consts[q.input[2]].dtype.name == "int8"
