@@ -32,7 +32,7 @@ def parser():
                    help="type of the inputs and outputs of a typed graph (default fp16, as CUDA-BEVFusion binds them)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the target's, 19 typed, 13 classic)")
     cli.add_device(p)
-    p.add_argument("--no-simplify", dest="simplify", action="store_false", help="skip onnxsim")
+    p.add_argument("--no-simplify", dest="simplify", action="store_false", help="skip the onnxscript optimizer (constant folding, dead nodes)")
     cli.add_data(p, "example-data folder for validation")
     cli.add_rig(p)
     check = p.add_argument_group("end-to-end check")

@@ -138,7 +138,7 @@ def build_model(ckpt: Checkpoint, cfg: CameraConfig, precision: str, rebuild_fru
 def versions() -> dict[str, str]:
     """Versions of what produced a file, for its report and metadata (read without importing)."""
     out = {"lean": lean.__version__, "python": platform.python_version(), "torch": torch.__version__}
-    for name in ("onnx", "onnxruntime", "onnxsim", "numpy", "nvidia-modelopt"):
+    for name in ("onnx", "onnxscript", "onnx-ir", "onnxruntime", "numpy", "nvidia-modelopt"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

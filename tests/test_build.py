@@ -87,5 +87,5 @@ def test_resolve_device():
 
 def test_versions_are_plain_strings():
     v = versions()
-    assert {"lean", "torch", "onnx", "onnxruntime", "onnxsim", "nvidia-modelopt"} <= set(v)
+    assert {"lean", "torch", "onnx", "onnxscript", "onnxruntime", "nvidia-modelopt"} <= set(v)
     assert all(type(x) is str for x in v.values())
