@@ -135,6 +135,8 @@ def to_opset(proto, target: int) -> None:
     """Write a graph built at opset 18 down to ``target`` (in place), or refuse with the reason."""
     from onnx import defs, helper
 
+    if target < 17:  # LayerNormalization is an opset-17 op: spelled out as before it (SwinT)
+        _spell_out_layer_norms(proto)
     for node in proto.graph.node:
         if node.domain not in ("", "ai.onnx"):
             raise LeanError(f"cannot write {node.name} ({node.domain}) at opset {target}: use a newer --opset")
@@ -154,6 +156,41 @@ def to_opset(proto, target: int) -> None:
     for entry in proto.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = target
+
+
+def _spell_out_layer_norms(proto) -> None:
+    """LayerNormalization over the last axis -> ReduceMean/Sub/Mul/ReduceMean/Add/Sqrt/Div/Mul/Add,
+    the form the TorchScript exporter wrote at opset 13 (in place)."""
+    from onnx import helper, numpy_helper
+
+    nodes = []
+    for node in proto.graph.node:
+        if node.op_type != "LayerNormalization":
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        outputs = [o for o in node.output if o]
+        if attrs.get("axis", -1) != -1 or len(outputs) > 1:
+            raise LeanError(f"{node.name}: LayerNormalization over axis {attrs.get('axis')} has no opset-13 form here: "
+                            "use --opset 17")
+        x, scale, bias = (list(node.input) + [""] * 3)[:3]
+        p = node.name or node.output[0]
+        eps = numpy_helper.from_array(np.array(attrs.get("epsilon", 1e-5), np.float32), f"{p}_eps")
+        proto.graph.initializer.append(eps)
+        add = [helper.make_node("Add", [f"{p}_scaled", bias], [node.output[0]], name=f"{p}_bias")] if bias else []
+        nodes += [
+            helper.make_node("ReduceMean", [x], [f"{p}_mean"], axes=[-1], name=f"{p}_mean"),
+            helper.make_node("Sub", [x, f"{p}_mean"], [f"{p}_d"], name=f"{p}_sub"),
+            helper.make_node("Mul", [f"{p}_d", f"{p}_d"], [f"{p}_sq"], name=f"{p}_sq"),
+            helper.make_node("ReduceMean", [f"{p}_sq"], [f"{p}_var"], axes=[-1], name=f"{p}_var"),
+            helper.make_node("Add", [f"{p}_var", eps.name], [f"{p}_ve"], name=f"{p}_eps_add"),
+            helper.make_node("Sqrt", [f"{p}_ve"], [f"{p}_std"], name=f"{p}_sqrt"),
+            helper.make_node("Div", [f"{p}_d", f"{p}_std"], [f"{p}_n"], name=f"{p}_div"),
+            helper.make_node("Mul", [f"{p}_n", scale], [f"{p}_scaled" if bias else node.output[0]], name=f"{p}_scale"),
+            *add,
+        ]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
 
 
 def annotate(model, props: dict) -> None:
