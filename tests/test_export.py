@@ -273,3 +273,10 @@ def test_backbone_flag_must_match_the_checkpoint(tmp_path, example_dir, small_fl
 
 def test_swint_config_is_read_from_its_keys(swint_ckpts):
     assert infer_config(read_checkpoint(swint_ckpts[0]).state_dict, cameras=2).backbone == "swint"
+
+
+@pytest.mark.parametrize("tensorrt", ["10", "8"])
+def test_official_float_checkpoint_exports_fp16_to_both_targets(tmp_path, small_float_ckpt, example_dir, tensorrt):
+    report = export(small_float_ckpt, tmp_path, example_dir, fp16=True, tensorrt=tensorrt)
+    assert report.facts["checkpoint"]["source_format"] == "official" and report.facts["bev_check"]["ok"]
+    assert report.facts["target"]["tensorrt"] == tensorrt
