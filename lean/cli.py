@@ -109,7 +109,7 @@ def _run(main, args) -> int:
         with warnings.catch_warnings():
             if not args.verbose:
                 warnings.simplefilter("ignore")  # third-party noise; our own warnings go through the logger
-            main(args)
+            code = main(args)
     except KeyboardInterrupt:
         print("error: interrupted; earlier outputs are untouched", file=sys.stderr)
         return 130
@@ -123,4 +123,4 @@ def _run(main, args) -> int:
         msg = str(e) if isinstance(e, LeanError) else f"{e.strerror or e} {e.filename or ''}".strip()
         print(f"error: {msg}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0  # a main may return its own exit code (the lint: 1 on errors)

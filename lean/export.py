@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import platform
 import time
-from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +26,11 @@ from lean.bev import Geometry, pool_to_bev
 from lean.build import build_model, resolve_config, resolve_device, versions
 from lean.checkpoint import read_checkpoint
 from lean.config import DEFAULT_DATA
+from lean.contract import BACKBONE, BACKBONE_FILE, VTRANSFORM, VTRANSFORM_FILE, GraphSpec
 from lean.data import load_inputs
 from lean.errors import LeanError
 from lean.io import atomic_path, ensure_writable
+from lean.lint.check import lint_model
 from lean.models import BackboneGraph, VTransformGraph
 from lean.quant.qdq import clamp_scales_to_fp16
 from lean.report import ExportReport, GraphResult, Stages, qdq_pairs
@@ -39,9 +40,8 @@ from lean.trace import CastIO, annotate, exact_float32, reference, to_proto, tra
 from lean.typecheck import check_typing
 from lean.validate import check_bev, tolerance, validate
 
-BACKBONE_FILE = "camera.backbone.onnx"
-VTRANSFORM_FILE = "camera.vtransform.onnx"
 REPORT_FILE = "report.json"
+__all__ = ["BACKBONE_FILE", "REPORT_FILE", "VTRANSFORM_FILE", "ExportOptions", "export_camera"]
 
 
 @dataclass
@@ -70,19 +70,6 @@ class ExportOptions:
 
     def output_dir(self) -> Path:
         return Path(self.out_dir) if self.out_dir else Path("qat") / f"onnx_{self.precision}"
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    """One file of the contract: which part of the model it holds and its output names."""
-
-    file: str
-    part: Callable[[nn.Module], nn.Module]
-    outputs: tuple[str, ...]
-
-
-BACKBONE = GraphSpec(BACKBONE_FILE, BackboneGraph, ("camera_feature", "camera_depth_weights"))
-VTRANSFORM = GraphSpec(VTRANSFORM_FILE, VTransformGraph, ("feat_out",))
 
 
 @dataclass
@@ -115,14 +102,19 @@ class _GraphWriter:
                 nodes = simplify(model)
         proto = to_proto(model, self.opset)
         del model  # the file's weights are in the proto now: one copy less at the peak (validation)
-        with stages("typecheck", f"checking {name} is typed for TensorRT {self.target.name}"):
+        with stages("lint", f"linting {name} for TensorRT {self.target.name} (typing, Q/DQ, operators, contract)"):
             typing = check_typing(proto, self.target, self.opts.io, name)
+            lint = lint_model(proto, self.target.name, name)
+            if lint.errors:
+                first = lint.errors[0]
+                raise LeanError(f"{name} fails the lint for TensorRT {self.target.name}: {len(lint.errors)} errors, first "
+                                f"{first.rule} ({', '.join(first.offenders[:3])}); nothing was written")
         annotate(proto, self.props)
         tmp = self.pending.enter_context(atomic_path(self.out_dir / name))
         with stages("write", f"writing {name}"):
             onnx.save(proto, str(tmp))
         result = GraphResult(name, size=tmp.stat().st_size, nodes=len(proto.graph.node), qdq_pairs=qdq_pairs(proto),
-                             typing=typing, simplify={"nodes_before": nodes[0], "nodes_after": nodes[1]},
+                             typing=typing, lint=lint.to_json(), simplify={"nodes_before": nodes[0], "nodes_after": nodes[1]},
                              build_command=self.target.build_command(self.out_dir / name, len(inputs), len(spec.outputs),
                                                                      self.opts.precision))
         del proto  # ONNX Runtime reads the file
@@ -166,6 +158,7 @@ def _export_camera(opts: ExportOptions) -> ExportReport:
         img, depth = img.to(device), depth.to(device)
     with stages("reference", "PyTorch reference forward (FP32) of both graphs"):
         ref_backbone = reference(BackboneGraph(model), {"img": img, "depth": depth}, list(BACKBONE.outputs))
+        # The vtransform's input is what the runtime feeds it: the pooled backbone output.
         bev_in = pool_to_bev(ref_backbone["camera_feature"], ref_backbone["camera_depth_weights"], sample, model).to(device)
         ref_vtransform = reference(VTransformGraph(model), {"feat_in": bev_in}, list(VTRANSFORM.outputs))
 
@@ -189,18 +182,10 @@ def _export_camera(opts: ExportOptions) -> ExportReport:
         backbone = export_graph(BACKBONE, part(BACKBONE), {"img": img.to(io_dtype), "depth": depth.to(io_dtype)},
                                 ref_backbone)
         vtransform = export_graph(VTRANSFORM, part(VTRANSFORM), {"feat_in": bev_in.to(io_dtype)}, ref_vtransform)
-        facts = {
-            "out_dir": str(out_dir), "opset": opset, "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
-            "target": {"tensorrt": target.name, "runtimes": target.runtimes, "typing": target.typing,
-                       "io": props["io"], "fp16_scales_clamped": clamped if target.typed else None,
-                       "fp32_islands": []},
-            "config": cfg.to_dict(),
-            "checkpoint": {"path": str(opts.ckpt), "sha256": ckpt.sha256, "source_format": ckpt.source,
-                           "kind": ckpt.kind, "meta": ckpt.meta},
-            "versions": versions(),
-        }
-        report = ExportReport(out_dir, precision, [backbone.result, vtransform.result], stages.times, facts)
+        target_facts = {"tensorrt": target.name, "runtimes": target.runtimes, "typing": target.typing, "io": props["io"],
+                        "fp16_scales_clamped": clamped if target.typed else None, "fp32_islands": []}
+        report = ExportReport(out_dir, precision, [backbone.result, vtransform.result], stages.times,
+                              _facts(opts, opset, device, cfg, ckpt, target_facts))
         if opts.check_bev is not False:
             with stages("check_bev", "end-to-end BEV check: ONNX backbone -> BEV pool -> ONNX vtransform"):
                 report.facts["bev_check"] = check_bev(
@@ -212,3 +197,16 @@ def _export_camera(opts: ExportOptions) -> ExportReport:
         report_tmp.write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
         # Everything validated: leaving the block renames the report and both files into place.
     return report
+
+
+def _facts(opts: ExportOptions, opset: int, device: torch.device, cfg, ckpt, target: dict) -> dict:
+    """What report.json says besides the per-graph results."""
+    return {
+        "out_dir": str(opts.output_dir()), "opset": opset, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+        "target": target,
+        "config": cfg.to_dict(),
+        "checkpoint": {"path": str(opts.ckpt), "sha256": ckpt.sha256, "source_format": ckpt.source,
+                       "kind": ckpt.kind, "meta": ckpt.meta},
+        "versions": versions(),
+    }

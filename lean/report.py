@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lean.lint.macs import describe
 from lean.log import logger
 
 
@@ -20,6 +21,7 @@ class GraphResult:
     seconds: float = 0.0
     outputs: dict = field(default_factory=dict)  # name -> {shape, max_abs_err, cosine, tolerance, ...}
     typing: dict = field(default_factory=dict)  # lean.typecheck's facts
+    lint: dict = field(default_factory=dict)  # lean.lint's findings and MAC split
     simplify: dict = field(default_factory=dict)  # nodes before and after
     build_command: str = ""
 
@@ -88,6 +90,17 @@ def summary_table(report: ExportReport) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    linted = [g for g in report.graphs if g.lint]
+    if linted:
+        lines.append("")
+        for g in linted:
+            counts = [sum(f["verdict"] == v for f in g.lint["findings"]) for v in ("error", "warning")]
+            lines.append(f"lint {g.file}: {counts[0]} errors, {counts[1]} warnings; MACs {g.lint['macs_text']}")
+        total = {}
+        for g in linted:
+            for k, v in g.lint["macs"].items():
+                total[k] = total.get(k, 0) + v
+        lines.append(f"both files: MACs {describe(total)}")
     target = report.facts.get("target")
     if target:
         lines += ["", f"TensorRT {target['tensorrt']} ({target['runtimes']}): {target['typing']}, I/O {target['io'].upper()}, "

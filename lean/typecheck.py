@@ -18,12 +18,12 @@ NAMES = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.DOU
          TensorProto.BFLOAT16: "BF16"}
 
 
-def value_types(proto) -> dict[str, int]:
-    """Element type of every value of the graph (inputs, initializers, node outputs), by name."""
+def value_types(proto, infer: bool = True) -> dict[str, int]:
+    """Element type of every value of the graph (inputs, initializers, node outputs), by name;
+    ``infer=False`` for a proto that already went through shape inference."""
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
-    graph = inferred.graph
+    graph = (onnx.shape_inference.infer_shapes(proto, strict_mode=True) if infer else proto).graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info)}
     types.update({i.name: i.data_type for i in graph.initializer})
     for node in graph.node:

@@ -1,0 +1,54 @@
+"""The tensor contract of the two files CUDA-BEVFusion's runtime binds by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from lean.models import BackboneGraph, VTransformGraph
+
+BACKBONE_FILE = "camera.backbone.onnx"
+VTRANSFORM_FILE = "camera.vtransform.onnx"
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One file of the contract: which part of the model it holds, its input and output names and ranks."""
+
+    file: str
+    part: Callable[[nn.Module], nn.Module]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    ranks: dict  # name -> rank
+
+
+BACKBONE = GraphSpec(BACKBONE_FILE, BackboneGraph, ("img", "depth"), ("camera_feature", "camera_depth_weights"),
+                     {"img": 5, "depth": 5, "camera_feature": 4, "camera_depth_weights": 4})
+VTRANSFORM = GraphSpec(VTRANSFORM_FILE, VTransformGraph, ("feat_in",), ("feat_out",), {"feat_in": 4, "feat_out": 4})
+SPECS = {spec.file: spec for spec in (BACKBONE, VTRANSFORM)}
+
+
+def shape_problems(file: str, shapes: dict[str, list]) -> list[str]:
+    """What breaks the contract's shapes of ``file`` (names -> static shapes), [] if nothing."""
+    spec = SPECS[file]
+    missing = [n for n in (*spec.inputs, *spec.outputs) if n not in shapes]
+    if missing:
+        return [f"no tensor named {', '.join(missing)}"]
+    wrong = [f"{n} has rank {len(shapes[n])}, not {r}" for n, r in spec.ranks.items() if len(shapes[n]) != r]
+    if wrong:
+        return wrong
+    if spec is VTRANSFORM:
+        (b, c, x, y), out = shapes["feat_in"], shapes["feat_out"]
+        return [] if out == [b, c, x // 2, y // 2] else [f"feat_out is {out}, expected {[b, c, x // 2, y // 2]}"]
+    (b, n, three, h, w), depth = shapes["img"], shapes["depth"]
+    feature, weights = shapes["camera_feature"], shapes["camera_depth_weights"]
+    problems = [] if three == 3 else [f"img has {three} channels, not 3"]
+    if depth != [b, n, 1, h, w]:
+        problems.append(f"depth is {depth}, expected {[b, n, 1, h, w]}")
+    if feature[:3] != [b * n, h // 8, w // 8]:
+        problems.append(f"camera_feature is {feature}, expected [B*N, H/8, W/8, C] = {[b * n, h // 8, w // 8, 'C']}")
+    if [weights[0], *weights[2:]] != [b * n, h // 8, w // 8]:
+        problems.append(f"camera_depth_weights is {weights}, expected [B*N, D, H/8, W/8]")
+    return problems

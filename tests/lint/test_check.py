@@ -1,0 +1,38 @@
+"""The lint on our own exports, and on a graph built like CUDA-BEVFusion's INT8 export."""
+
+import pytest
+
+from lean.errors import LeanError
+from lean.export import BACKBONE_FILE, VTRANSFORM_FILE
+from lean.lint.check import lint_file
+
+from helpers import one_line
+
+
+@pytest.mark.parametrize("export,target", [("small_int8_export", "10"), ("small_int8_export", "11"),
+                                           ("small_classic_export", "8")])
+def test_our_exports_pass(request, export, target):
+    report, out = request.getfixturevalue(export)
+    backbone = lint_file(out / BACKBONE_FILE, target)
+    assert not backbone.errors, [f.to_json() for f in backbone.errors]
+    assert set(backbone.macs) == {"INT8"} and backbone.macs["INT8"] > 1e9
+    vtransform = lint_file(out / VTRANSFORM_FILE, target)
+    assert not vtransform.errors and set(vtransform.macs) == {"FP32" if target == "8" else "FP16"}
+    assert report.graphs[0].lint["verdict"] in ("ok", "warning") and report.graphs[0].lint["macs"] == backbone.macs
+
+
+def test_cuda_bevfusion_style_int8_is_ready_for_8_not_for_11(small_classic_export):
+    """Opset 13, FP32 tensors, Q/DQ with FP32 scales: what CUDA-BEVFusion's export-camera.py writes."""
+    path = small_classic_export[1] / BACKBONE_FILE
+    assert not lint_file(path, "8").errors
+    errors = {f.rule: f for f in lint_file(path, "11").errors}
+    assert set(errors) == {"opset", "typing.compute"}
+    assert "FP32 engine" in errors["typing.compute"].note
+
+
+def test_unreadable_files_are_one_line_errors(tmp_path):
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    for path, words in ((tmp_path / "junk.onnx", "not an ONNX model"), (tmp_path / "none.onnx", "does not exist")):
+        with pytest.raises(LeanError) as e:
+            lint_file(path, "10")
+        assert words in one_line(e)

@@ -1,0 +1,13 @@
+from lean.lint.graph import GraphView
+from lean.lint.macs import describe, mac_split
+
+from lint.graphs import F16, Builder
+
+
+def test_mac_split_by_precision():
+    b = Builder(F16)
+    y = b.conv(b.conv("x"), quantize_input=False, quantize_weight=False)  # one INT8 conv, one FP16 conv
+    split = mac_split(GraphView(b.model(y)))
+    assert split == {"INT8": 64 * 4 * 36, "FP16": 64 * 4 * 36}
+    assert describe(split).startswith("50.0% in INT8, 50.0% in FP16")
+    assert describe({}) == "no MACs"

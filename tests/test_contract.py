@@ -1,0 +1,17 @@
+from lean.contract import BACKBONE_FILE, VTRANSFORM_FILE, shape_problems
+
+GOOD = {"img": [1, 6, 3, 256, 704], "depth": [1, 6, 1, 256, 704], "camera_feature": [6, 32, 88, 80],
+        "camera_depth_weights": [6, 118, 32, 88]}
+
+
+def test_backbone_shapes():
+    assert shape_problems(BACKBONE_FILE, GOOD) == []
+    assert shape_problems(BACKBONE_FILE, {**GOOD, "camera_feature": [6, 80, 32, 88]})  # NCHW, not NHWC
+    assert shape_problems(BACKBONE_FILE, {**GOOD, "depth": [1, 6, 3, 256, 704]})
+    assert "no tensor named depth" in shape_problems(BACKBONE_FILE, {k: v for k, v in GOOD.items() if k != "depth"})[0]
+
+
+def test_vtransform_shapes():
+    assert shape_problems(VTRANSFORM_FILE, {"feat_in": [1, 80, 360, 360], "feat_out": [1, 80, 180, 180]}) == []
+    assert shape_problems(VTRANSFORM_FILE, {"feat_in": [1, 80, 360, 360], "feat_out": [1, 80, 360, 360]})
+    assert shape_problems(VTRANSFORM_FILE, {"feat_in": [1, 80, 360], "feat_out": [1, 80, 180, 180]})
