@@ -23,6 +23,7 @@ from torch import nn
 
 import lean
 from lean.errors import LeanError
+from lean.quant.qdq import quantize_dequantize
 
 EXPORTER_MIN_OPSET = 18
 # Attributes newer than opset 13, with the value that keeps the opset-13 behaviour.
@@ -82,7 +83,7 @@ def _qdq_translation(opset: int):
 
 def trace(module: nn.Module, inputs: dict[str, torch.Tensor], output_names: list[str], opset: int):
     """torch.export -> ONNX IR model (``onnx_ir.Model``), unoptimized, at ``max(opset, 18)``."""
-    table = {torch.ops.lean.quantize_dequantize.default: _qdq_translation(opset)}
+    table = {quantize_dequantize._opoverload: _qdq_translation(opset)}
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "torchvision is not installed" and the like, on every export

@@ -1,5 +1,4 @@
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -173,15 +172,18 @@ def test_patch_merging_equals_timm_order_with_permuted_weights():
 
 
 def test_onnx_opset13_matches_pytorch(model, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    """The classic (TensorRT 8) form: opset 13, LayerNorm spelled out."""
+    import onnx
+    import onnxruntime as ort
+
+    from lean.simplify import simplify
+    from lean.trace import to_proto, trace
+
     x = torch.randn(1, 3, 64, 176)
     path = tmp_path / "swint.onnx"
-    with warnings.catch_warnings():
-        # The backbone reads sizes as Python ints on purpose (fixed-size export), which the
-        # tracer reports as a warning for every reshape.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(path), opset_version=13, dynamo=False,
-                          input_names=["img"], output_names=["l1", "l2", "l3"])
+    exported = trace(model, {"img": x}, ["l1", "l2", "l3"], 13)
+    simplify(exported)
+    onnx.save(to_proto(exported, 13), str(path))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"img": x.numpy()})
     with torch.no_grad():
