@@ -22,7 +22,6 @@ from lean.geometry import create_frustum, voxel_grid
 from lean.models import build_camera
 from lean.quant.qdq import attach_quantizers, split_amax
 
-DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp16", "int8")
 
 

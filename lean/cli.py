@@ -21,8 +21,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from lean.build import DEVICES
-from lean.config import BACKBONES, DEFAULT_DATA, parse_bound, parse_image_size
+from lean.config import BACKBONES, DEFAULT_DATA, DEVICES, parse_bound, parse_image_size
 from lean.errors import LeanError
 from lean.log import logger
 

@@ -17,6 +17,7 @@ DEFAULT_DATA = Path("example-data")
 DEMO_FLOAT_CKPT = Path("model/resnet50/bevfusion-det.pth")
 DEMO_PTQ_CKPT = Path("model/resnet50int8/bevfusion_ptq.pth")
 
+DEVICES = ("auto", "cpu", "cuda")
 BACKBONES = ("resnet50", "swint")
 # Channels of the backbone outputs the neck reads (indices 1, 2, 3).
 BACKBONE_CHANNELS = {"resnet50": (512, 1024, 2048), "swint": (192, 384, 768)}

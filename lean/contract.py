@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-
-from torch import nn
-
-from lean.models import BackboneGraph, VTransformGraph
 
 BACKBONE_FILE = "camera.backbone.onnx"
 VTRANSFORM_FILE = "camera.vtransform.onnx"
@@ -15,18 +10,17 @@ VTRANSFORM_FILE = "camera.vtransform.onnx"
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """One file of the contract: which part of the model it holds, its input and output names and ranks."""
+    """One file of the contract: its input and output names and ranks."""
 
     file: str
-    part: Callable[[nn.Module], nn.Module]
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     ranks: dict  # name -> rank
 
 
-BACKBONE = GraphSpec(BACKBONE_FILE, BackboneGraph, ("img", "depth"), ("camera_feature", "camera_depth_weights"),
+BACKBONE = GraphSpec(BACKBONE_FILE, ("img", "depth"), ("camera_feature", "camera_depth_weights"),
                      {"img": 5, "depth": 5, "camera_feature": 4, "camera_depth_weights": 4})
-VTRANSFORM = GraphSpec(VTRANSFORM_FILE, VTransformGraph, ("feat_in",), ("feat_out",), {"feat_in": 4, "feat_out": 4})
+VTRANSFORM = GraphSpec(VTRANSFORM_FILE, ("feat_in",), ("feat_out",), {"feat_in": 4, "feat_out": 4})
 SPECS = {spec.file: spec for spec in (BACKBONE, VTRANSFORM)}
 
 

@@ -41,6 +41,7 @@ from lean.typecheck import check_typing
 from lean.validate import check_bev, tolerance, validate
 
 REPORT_FILE = "report.json"
+PARTS = {BACKBONE_FILE: BackboneGraph, VTRANSFORM_FILE: VTransformGraph}  # which part of the model each file holds
 __all__ = ["BACKBONE_FILE", "REPORT_FILE", "VTRANSFORM_FILE", "ExportOptions", "export_camera"]
 
 
@@ -168,7 +169,7 @@ def _export_camera(opts: ExportOptions) -> ExportReport:
         model.half()  # every weight, bias and Q/DQ scale FP16: the exporter writes the types it sees
 
     def part(spec: GraphSpec) -> nn.Module:
-        module = spec.part(model)
+        module = PARTS[spec.file](model)
         return CastIO(module) if target.typed and opts.io == "fp32" else module
 
     calibration = ckpt.meta.get("calibration", {}) if ckpt.kind == "ptq" and precision == "int8" else None

@@ -1,8 +1,8 @@
 """The project's one logger.
 
 Every module logs through ``logger`` (progress at INFO, things a user must know at WARNING). The
-command lines attach a handler that prints to stderr, warnings always, progress unless quiet; a
-program that imports ``lean`` as a library sees only what its own logging set-up lets through.
+command lines attach a handler that prints both to stderr; a program that imports ``lean`` as a
+library sees only what its own logging set-up lets through.
 """
 
 from __future__ import annotations

@@ -64,8 +64,11 @@ def compare(got, ref, tolerance: Tolerance) -> dict:
     scale = ref.abs().max().item()
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=0).item() if scale > 0 else 1.0
     tol = tolerance.bound(scale)
-    ok = err <= max(tol, 1e-6) and (tolerance.min_cosine is None or cos >= tolerance.min_cosine)
-    return {"max_abs_err": err, "cosine": cos, "tolerance": tol, "ref_max_abs": scale, "ok": ok}
+    failed = [f"max abs error {err:.3g} > tolerance {tol:.3g}"] if err > max(tol, 1e-6) else []
+    if tolerance.min_cosine is not None and cos < tolerance.min_cosine:
+        failed.append(f"cosine {cos:.6f} < {tolerance.min_cosine}")
+    return {"max_abs_err": err, "cosine": cos, "tolerance": tol, "ref_max_abs": scale, "ok": not failed,
+            "failed": "; ".join(failed)}
 
 
 # ORT's basic level rewrites a float conv bias behind Q/DQ'd input and weight into an int32 bias
@@ -123,10 +126,7 @@ def validate(path: Path, inputs: dict[str, torch.Tensor], reference: dict[str, t
     bad = [n for n, s in stats.items() if not s["ok"]]
     if bad:
         s = stats[bad[0]]
-        raise LeanError(
-            f"{name} does not compute what PyTorch computes: {bad[0]} max abs error {s['max_abs_err']:.3g} "
-            f"> tolerance {s['tolerance']:.3g} (cosine {s['cosine']:.6f}); nothing was written"
-        )
+        raise LeanError(f"{name} does not compute what PyTorch computes: {bad[0]} {s['failed']}; nothing was written")
     return stats, got
 
 
@@ -150,11 +150,9 @@ def check_bev(feature, weights, vtransform_path, geometry, sample, reference, to
     got = onnx_chain(feature, weights, Path(vtransform_path), geometry, sample)
     stats = {"shape": list(ref.shape), **compare(got, ref, tolerance)}
     stats["seconds"] = time.perf_counter() - t
-    if plot_dir is not None:
-        stats["plots"] = plot_bev(Path(plot_dir), ref, got, sample, cfg)
     if not stats["ok"]:
-        raise LeanError(
-            f"end-to-end BEV map of the ONNX chain differs from PyTorch: max abs error {stats['max_abs_err']:.3g} > "
-            f"tolerance {stats['tolerance']:.3g} (cosine {stats['cosine']:.6f}); nothing was written"
-        )
+        raise LeanError(f"end-to-end BEV map of the ONNX chain differs from PyTorch: {stats['failed']}; "
+                        "nothing was written")
+    if plot_dir is not None:  # only for a chain that validated: a failed export replaces no earlier PNG
+        stats["plots"] = plot_bev(Path(plot_dir), ref, got, sample, cfg)
     return stats

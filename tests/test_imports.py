@@ -92,3 +92,10 @@ def test_export_does_not_import_modelopt_at_run_time(small_ptq_ckpt, example_dir
     assert out.returncode == 0, out.stderr[-2000:].replace(chr(10), ' | ')
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "camera.backbone.onnx").exists()
+
+
+def test_the_lint_needs_no_torch():
+    """``python -m lean.lint`` judges ONNX files where PyTorch is not even installed."""
+    code = "import sys, lean.lint.__main__; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]

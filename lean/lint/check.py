@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lean.errors import LeanError
+from lean.errors import LeanError, first_line
 from lean.lint.graph import GraphView
 from lean.lint.macs import describe, mac_split
 from lean.lint.rules import ERROR, RULES, WARNING, Finding
@@ -51,10 +51,16 @@ def lint_file(path, target: str) -> LintResult:
     import onnx
 
     path = Path(path)
+    if not path.is_file():
+        raise LeanError(f"{path} does not exist: pass an ONNX file")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except FileNotFoundError:
-        raise LeanError(f"{path} does not exist: pass an ONNX file") from None
-    except Exception as e:  # noqa: BLE001 - onnx raises DecodeError, ValueError, ... on junk
-        raise LeanError(f"{path} is not an ONNX model ({type(e).__name__}): pass an .onnx file") from None
-    return lint_model(proto, target, path.name)
+        proto = onnx.load(str(path))  # external data, if any, from beside the file
+        onnx.checker.check_model(proto)
+    except Exception as e:  # noqa: BLE001 - onnx raises DecodeError, ValidationError, ... on junk
+        raise LeanError(f"{path} is not a valid ONNX model ({type(e).__name__}: {first_line(e)})") from None
+    try:
+        return lint_model(proto, target, path.name)
+    except LeanError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a graph the checker let through but no rule can read
+        raise LeanError(f"{path}: cannot lint this graph ({type(e).__name__}: {first_line(e)})") from None

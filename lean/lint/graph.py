@@ -11,6 +11,8 @@ from lean.typecheck import value_types
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Ops between a weight and its Q/DQ or layer that change nothing TensorRT cares about.
+WRAPPERS = ("Transpose", "Identity", "Cast")
 # Ops a quantized tensor passes through unchanged in value (TensorRT moves scales across them).
 PASS_THROUGH = ("MaxPool", "Resize", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Pad",
                 "Identity", "Gather", "Split")
@@ -58,24 +60,25 @@ class GraphView:
 
     @cached_property
     def opset(self) -> int:
-        return next(o.version for o in self.proto.opset_import if o.domain in ("", "ai.onnx"))
+        return next((o.version for o in self.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
     def label(self, node) -> str:
         return node.name or f"{node.op_type}->{node.output[0]}"
 
     def dq(self, tensor: str):
-        """The DequantizeLinear producing ``tensor`` (through a Transpose of a weight), or None."""
+        """The DequantizeLinear producing ``tensor`` (through a Transpose, Identity or Cast), or None."""
         node = self.producer.get(tensor)
-        if node is not None and node.op_type == "Transpose":
+        while node is not None and node.op_type in WRAPPERS:
             node = self.producer.get(node.input[0])
         return node if node is not None and node.op_type == "DequantizeLinear" else None
 
-    def is_constant(self, tensor: str) -> bool:
-        """Made from constants only (an initializer, or a Q/DQ of one)."""
+    def is_constant(self, tensor: str, depth: int = 8) -> bool:
+        """Made from constants only (an initializer, or a Q/DQ, Transpose, Identity or Cast of one)."""
         if tensor in self.constants:
             return True
         node = self.producer.get(tensor)
-        return node is not None and node.op_type in (*QDQ, "Transpose") and self.is_constant(node.input[0])
+        return (depth > 0 and node is not None and node.op_type in (*QDQ, *WRAPPERS)
+                and self.is_constant(node.input[0], depth - 1))
 
     def quantized_inputs(self, node) -> list[bool]:
         """Which of a MAC op's two operands come through a DequantizeLinear."""

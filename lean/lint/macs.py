@@ -12,7 +12,7 @@ from lean.typecheck import NAMES
 
 def node_macs(g: GraphView, node) -> int:
     out = g.shapes.get(node.output[0]) or []
-    weight = g.shapes.get(node.input[1]) or []
+    weight = (g.shapes.get(node.input[1]) or []) if len(node.input) > 1 else []
     if not out or not weight or 0 in out:
         return 0
     if node.op_type == "Conv":  # weight [Cout, Cin/groups, k...]
@@ -20,7 +20,10 @@ def node_macs(g: GraphView, node) -> int:
     if node.op_type == "ConvTranspose":  # weight [Cin, Cout/groups, k...]
         data = g.shapes.get(node.input[0]) or []
         return math.prod(data) * math.prod(weight[1:]) if data else 0
-    return math.prod(out) * (weight[-2] if len(weight) > 1 else weight[-1])  # Gemm/MatMul: K of B
+    if node.op_type == "Gemm":  # K: B's first axis, its second with transB
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return math.prod(out) * weight[trans_b] if len(weight) == 2 else 0
+    return math.prod(out) * (weight[-2] if len(weight) > 1 else weight[-1])  # MatMul: K of B
 
 
 def mac_split(g: GraphView) -> dict[str, int]:

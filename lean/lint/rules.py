@@ -58,17 +58,21 @@ def opset(g: GraphView, target: str) -> Finding:
     lo, hi = OPSETS[target]
     bad = not lo <= g.opset <= hi
     note = f"opset {g.opset}; TensorRT {target} takes {lo}..{hi}"
-    if target != "8" and g.opset < 19 and any(n.op_type in QDQ for n in g.nodes):
-        return Finding("opset", ERROR, [f"opset {g.opset}"], note + "; FP16 Q/DQ need opset 19")
+    if g.opset < 19 and any(n.op_type in QDQ and g.types.get(n.input[1]) == TensorProto.FLOAT16 for n in g.nodes):
+        return Finding("opset", ERROR, [f"opset {g.opset}"], note + "; Q/DQ with FP16 scales need opset 19")
     return Finding("opset", ERROR if bad else OK, [f"opset {g.opset}"] if bad else [], note)
 
 
 def operators(g: GraphView, target: str) -> Finding:
-    refused = sorted({n.op_type for n in g.nodes if n.op_type in unsupported(target) or n.domain not in ("", "ai.onnx")})
-    unknown = sorted({n.op_type for n in g.nodes if n.op_type not in known(target)} - set(refused))
+    onnx_ops = [n for n in g.nodes if n.domain in ("", "ai.onnx")]
+    refused = sorted({n.op_type for n in onnx_ops if n.op_type in unsupported(target)})
     if refused:
         return Finding("operators", ERROR, refused, "not supported by the parser")
-    return Finding("operators", WARNING if unknown else OK, unknown, "not in the parser's table" if unknown else "")
+    unknown = sorted({n.op_type for n in onnx_ops if n.op_type not in known(target)})
+    plugins = sorted({f"{n.domain}::{n.op_type}" for n in g.nodes if n.domain not in ("", "ai.onnx")})
+    note = "; ".join(x for x in ("not in the parser's table" if unknown else "",
+                                 "other domains need a TensorRT plugin" if plugins else "") if x)
+    return Finding("operators", WARNING if unknown or plugins else OK, unknown + plugins, note)
 
 
 def _float(g: GraphView, tensor: str) -> int | None:
@@ -93,7 +97,9 @@ def typing_compute(g: GraphView, target: str) -> Finding:
     fp32 = [g.label(n) for n, t in computed if t == TensorProto.FLOAT and n.op_type not in ("Cast", "Constant")]
     fp16 = [n for n, t in computed if t == TensorProto.FLOAT16]
     if fp32 and not fp16:
-        return Finding("typing.compute", ERROR, fp32, "an FP32 graph: TensorRT 10/11 build an FP32 engine from it")
+        what = ("every layer outside Q/DQ runs in FP32 (the quantized convs still run INT8)" if _has_qdq(g)
+                else "an FP32 graph: TensorRT 10/11 build an FP32 engine from it")
+        return Finding("typing.compute", ERROR, fp32, what)
     return Finding("typing.compute", WARNING if fp32 else OK, fp32, "FP32 islands" if fp32 else "")
 
 
@@ -115,24 +121,32 @@ def _has_qdq(g: GraphView) -> bool:
 def qdq_coverage(g: GraphView, target: str) -> Finding:
     if not _has_qdq(g):
         return Finding("qdq.coverage", OK, [], "no Q/DQ: a float graph")
-    half, float_ = [], []
+    data_only, weight_only, float_ = [], [], []
     for n in (n for n in g.nodes if n.op_type in MAC_OPS):
         q = g.quantized_inputs(n)
-        if all(q):
-            continue
-        (half if any(q) else float_).append(g.label(n))
-    if half:
-        return Finding("qdq.coverage", ERROR, half, "only one operand quantized")
-    return Finding("qdq.coverage", WARNING if float_ else OK, float_, "float on purpose?" if float_ else "")
+        if not all(q):
+            (data_only if q[0] else weight_only if q[1] else float_).append(g.label(n))
+    if data_only:
+        return Finding("qdq.coverage", ERROR, data_only, "data quantized, weight float: the layer runs in float")
+    off = weight_only + float_
+    note = "; ".join(x for x in (f"{len(weight_only)} weight-only" if weight_only else "",
+                                 f"{len(float_)} float (on purpose?)" if float_ else "") if x)
+    return Finding("qdq.coverage", WARNING if off else OK, off, note)
 
 
 def qdq_zero_point(g: GraphView, target: str) -> Finding:
-    off = []
+    errors, absent = [], []
     for n in (n for n in g.nodes if n.op_type in QDQ):
-        zp = g.constants.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
-        if zp is None or zp.dtype != np.int8 or zp.any():
-            off.append(g.label(n))
-    return Finding("qdq.zero_point", ERROR if off else OK, off)
+        if len(n.input) < 3 or not n.input[2]:
+            absent.append(g.label(n))
+            continue
+        zp = g.constants.get(n.input[2])
+        if zp is None or zp.dtype == np.uint8 or np.asarray(zp, np.float64).any():
+            errors.append(g.label(n))
+    if errors:
+        return Finding("qdq.zero_point", ERROR, errors, "must be a constant 0 (INT8 or FP8)")
+    return Finding("qdq.zero_point", WARNING if absent else OK, absent,
+                   "no zero point: ONNX then means UINT8" if absent else "")
 
 
 def _axis(node) -> int:
@@ -170,7 +184,8 @@ def qdq_scales(g: GraphView, target: str) -> Finding:
         s = g.constants.get(n.input[1])
         kind = g.types.get(n.input[1])
         low = NORMAL_MIN.get(kind, 0.0)
-        if s is None or not np.all(np.isfinite(s)) or not np.all(s.astype(np.float64) >= low):
+        s64 = None if s is None else s.astype(np.float64)
+        if s64 is None or not np.all(np.isfinite(s64)) or not np.all(s64 > 0) or not np.all(s64 >= low):
             off.append(g.label(n))
     return Finding("qdq.scales", ERROR if off else OK, off, "must be finite, positive and normal in their type")
 
@@ -179,7 +194,8 @@ def qdq_residual(g: GraphView, target: str) -> Finding:
     off, fused = [], 0
     for n in (n for n in g.nodes if n.op_type == "Add"):
         conv = [g.producer.get(i) for i in n.input]
-        if not any(c is not None and c.op_type == "Conv" and all(g.quantized_inputs(c)) for c in conv):
+        if not any(c is not None and c.op_type == "Conv" and all(g.quantized_inputs(c)) for c in conv) \
+                or any(g.is_constant(i) for i in n.input):  # a bias add, not a residual
             continue
         quantized = sum(g.dq(i) is not None for i in n.input)
         if quantized == 1:
@@ -198,14 +214,16 @@ def qdq_concat(g: GraphView, target: str) -> Finding:
     off = []
     for n in (n for n in g.nodes if n.op_type == "Concat"):
         dqs = [g.dq(i) for i in n.input]
-        if dqs and all(dqs) and len({_scale(g, d) for d in dqs}) > 1:
+        scales = {_scale(g, d) for d in dqs} if dqs and all(dqs) else set()
+        if None not in scales and len(scales) > 1:
             off.append(g.label(n))
     return Finding("qdq.concat", WARNING if off else OK, off)
 
 
 def qdq_dead(g: GraphView, target: str) -> Finding:
+    quantizable = (*MAC_OPS, "Add", "Concat", "QuantizeLinear", "AveragePool", "GlobalAveragePool")
     off = [g.label(n) for n in g.nodes if n.op_type == "DequantizeLinear" and not g.is_constant(n.input[0])
-           and not g.reaches(n.output[0], (*MAC_OPS, "Add", "Concat"))]
+           and not g.reaches(n.output[0], quantizable)]
     return Finding("qdq.dead", WARNING if off else OK, off)
 
 
@@ -215,9 +233,10 @@ def qdq_passthrough(g: GraphView, target: str) -> Finding:
         dq = g.dq(n.input[0]) if n.input else None
         if dq is None:
             continue
-        for c in g.consumers.get(n.output[0], []):
-            if c.op_type == "QuantizeLinear" and _scale(g, dq) != g.constants.get(c.input[1], np.array([None])).reshape(-1)[0]:
-                off.append(g.label(n))
+        before = _scale(g, dq)
+        after = {_scale(g, c) for c in g.consumers.get(n.output[0], []) if c.op_type == "QuantizeLinear"}
+        if before is not None and None not in after and after - {before}:
+            off.append(g.label(n))
     return Finding("qdq.passthrough", WARNING if off else OK, off)
 
 

@@ -153,13 +153,12 @@ def split_amax(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     return {k: v for k, v in state_dict.items() if k not in amax}, amax
 
 
-
 def clamp_scales_to_fp16(model: nn.Module) -> int:
     """Keep every Q/DQ scale a positive normal FP16 number before the model goes to half (in place).
 
     amax / 127 of a dead or tiny channel would round to a subnormal or to 0 in FP16; it is raised
-    to FP16's smallest normal instead (values of such a channel quantize to 0 either way). Returns
-    how many scale values were clamped.
+    to FP16's smallest normal instead, which only makes that channel's INT8 grid coarser (its
+    values use fewer of the 256 steps). Returns how many scale values were clamped.
     """
     clamped = 0
     for q in model.modules():

@@ -25,14 +25,25 @@ def test_cuda_bevfusion_style_int8_is_ready_for_8_not_for_11(small_classic_expor
     """Opset 13, FP32 tensors, Q/DQ with FP32 scales: what CUDA-BEVFusion's export-camera.py writes."""
     path = small_classic_export[1] / BACKBONE_FILE
     assert not lint_file(path, "8").errors
-    errors = {f.rule: f for f in lint_file(path, "11").errors}
-    assert set(errors) == {"opset", "typing.compute"}
-    assert "FP32 engine" in errors["typing.compute"].note
+    result = lint_file(path, "11")
+    errors = {f.rule: f for f in result.errors}
+    assert set(errors) == {"typing.compute"}  # FP32 everywhere outside the Q/DQ convs, on a typed target
+    assert "runs in FP32" in errors["typing.compute"].note
+    assert {f.rule for f in result.warnings} == {"typing.io"}  # FP32 bindings (the runtime binds FP16)
 
 
 def test_unreadable_files_are_one_line_errors(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
-    for path, words in ((tmp_path / "junk.onnx", "not an ONNX model"), (tmp_path / "none.onnx", "does not exist")):
+    for path, words in ((tmp_path / "junk.onnx", "not a valid ONNX model"), (tmp_path / "none.onnx", "does not exist")):
         with pytest.raises(LeanError) as e:
             lint_file(path, "10")
         assert words in one_line(e)
+
+
+def test_external_data_is_read_from_beside_the_file(tmp_path, small_classic_export):
+    import onnx
+
+    model = onnx.load(str(small_classic_export[1] / BACKBONE_FILE))
+    onnx.save(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data")
+    result = lint_file(tmp_path / "m.onnx", "8")
+    assert not result.errors and result.macs["INT8"] > 1e9

@@ -1,3 +1,5 @@
+import numpy as np
+
 from lean.lint.graph import GraphView
 from lean.lint.macs import describe, mac_split
 
@@ -11,3 +13,11 @@ def test_mac_split_by_precision():
     assert split == {"INT8": 64 * 4 * 36, "FP16": 64 * 4 * 36}
     assert describe(split).startswith("50.0% in INT8, 50.0% in FP16")
     assert describe({}) == "no MACs"
+
+
+def test_gemm_reads_k_from_trans_b():
+    b = Builder(F16)
+    w = b.const(np.zeros((8, 16)))  # [N, K] with transB
+    y = b.node("Gemm", ["x", w], transB=1)
+    split = mac_split(GraphView(b.model(y, inputs=(("x", [2, 16]),))))
+    assert split == {"FP16": 2 * 8 * 16}

@@ -16,7 +16,7 @@ def test_table_and_exit_codes(small_classic_export):
     assert bad.returncode == 1
     [result] = json.loads(bad.stdout)
     assert result["verdict"] == "error" and {f["rule"] for f in result["findings"] if f["verdict"] == "error"} == {
-        "opset", "typing.compute"}
+        "typing.compute"}
 
 
 def test_missing_file_is_one_line(tmp_path):

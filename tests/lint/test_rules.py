@@ -1,6 +1,7 @@
 """Each rule on a small hand-built graph that breaks it, and on one that passes."""
 
 import numpy as np
+from onnx import helper
 
 from lean.lint.check import lint_model
 from lean.lint.rules import ERROR, OK, WARNING, RULES
@@ -22,6 +23,7 @@ def test_a_good_block_passes_every_rule():
 def test_opset():
     assert verdict(quantized_block(opset=13), "opset") == ERROR  # FP16 Q/DQ need 19
     assert verdict(quantized_block(F32, opset=13), "opset", "8") == OK
+    assert verdict(quantized_block(F32, opset=13), "opset", "10") == OK  # FP32 Q/DQ are fine at 13
     assert verdict(quantized_block(F32, opset=19), "opset", "8") == ERROR  # TensorRT 8 parses up to 17
 
 
@@ -35,6 +37,11 @@ def test_operators():
     assert verdict(_with("LayerNormalization", axis=-1), "operators", "8") == ERROR  # TensorRT 8.6 added it
     assert verdict(_with("Relu"), "operators", "8") == OK
     assert verdict(_with("Gelu"), "operators") == WARNING  # not in the table at hand
+    b = Builder()
+    plugin = b.model(b.node("Relu", ["x"]))
+    plugin.graph.node[0].domain = "trt"
+    plugin.opset_import.append(helper.make_opsetid("trt", 1))
+    assert verdict(plugin, "operators") == WARNING  # a plugin op, not a refusal
 
 
 def _cast_io():
@@ -69,6 +76,8 @@ def test_qdq_coverage():
     b = Builder()
     assert verdict(b.model(b.conv("x", quantize_weight=False)), "qdq.coverage") == ERROR
     b = Builder()
+    assert verdict(b.model(b.conv("x", quantize_input=False)), "qdq.coverage") == WARNING  # weight-only
+    b = Builder()
     y = b.conv(b.conv("x"), quantize_input=False, quantize_weight=False)
     assert verdict(b.model(y), "qdq.coverage") == WARNING  # float on purpose?
     b = Builder()
@@ -79,6 +88,11 @@ def test_qdq_zero_point():
     b = Builder()
     assert verdict(b.model(b.node("Relu", [b.qdq("x", zero=3)])), "qdq.zero_point") == ERROR
     assert verdict(quantized_block(), "qdq.zero_point") == OK
+    model = quantized_block()
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear":
+            del node.input[2]
+    assert verdict(model, "qdq.zero_point") == WARNING  # ONNX then means UINT8
 
 
 def test_qdq_weights():
@@ -90,6 +104,11 @@ def test_qdq_weights():
 def test_qdq_activations():
     b = Builder()
     assert verdict(b.model(b.conv(b.qdq("x", np.full(4, 0.05), axis=1))), "qdq.activations") == ERROR
+    # A weight that reaches its Q/DQ through an Identity (shared weights) is still a weight.
+    b = Builder()
+    w = b.node("Identity", [b.const(np.random.default_rng(0).standard_normal((4, 4, 3, 3)) * 0.1)])
+    y = b.node("Conv", [b.qdq("x"), b.qdq(w, np.full(4, 0.01), axis=0)], pads=[1, 1, 1, 1])
+    assert verdict(b.model(y), "qdq.activations") == OK
 
 
 def test_qdq_scales():
@@ -106,6 +125,9 @@ def test_qdq_residual():
     y = b.node("Add", [b.conv("x"), b.node("Relu", [b.qdq("x")])])  # the identity is float after its DQ
     assert verdict(b.model(y), "qdq.residual") == WARNING
     assert verdict(quantized_block(), "qdq.residual") == OK
+    b = Builder()
+    bias = b.node("Add", [b.conv("x"), b.const(np.zeros((1, 4, 1, 1)))])  # a bias add, not a residual
+    assert verdict(b.model(bias), "qdq.residual") == OK
 
 
 def _concat(s1, s2):
@@ -122,6 +144,7 @@ def test_qdq_dead():
     b = Builder()
     assert verdict(b.model(b.node("Softmax", [b.qdq("x")])), "qdq.dead") == WARNING
     assert verdict(quantized_block(), "qdq.dead") == OK
+    assert verdict(_pool(0.05, 0.05), "qdq.dead") == OK  # DQ -> MaxPool -> Q -> DQ -> Conv: a quantized pool
 
 
 def _pool(s1, s2):
