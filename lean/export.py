@@ -30,7 +30,8 @@ from lean.contract import BACKBONE, BACKBONE_FILE, VTRANSFORM, VTRANSFORM_FILE, 
 from lean.data import load_inputs
 from lean.errors import LeanError
 from lean.io import atomic_path, ensure_writable
-from lean.lint.check import lint_model
+from lean.lint.check import lint_view
+from lean.lint.graph import GraphView
 from lean.models import BackboneGraph, VTransformGraph
 from lean.quant.qdq import clamp_scales_to_fp16
 from lean.report import ExportReport, GraphResult, Stages, qdq_pairs
@@ -104,8 +105,10 @@ class _GraphWriter:
         proto = to_proto(model, self.opset)
         del model  # the file's weights are in the proto now: one copy less at the peak (validation)
         with stages("lint", f"linting {name} for TensorRT {self.target.name} (typing, Q/DQ, operators, contract)"):
-            typing = check_typing(proto, self.target, self.opts.io, name)
-            lint = lint_model(proto, self.target.name, name)
+            view = GraphView(proto, name)  # one shape inference for both checks
+            typing = check_typing(proto, self.target, self.opts.io, name, view.types)
+            lint = lint_view(view, self.target.name)
+            del view  # it holds an inferred copy of the graph and its weights
             if lint.errors:
                 first = lint.errors[0]
                 raise LeanError(f"{name} fails the lint for TensorRT {self.target.name}: {len(lint.errors)} errors, first "

@@ -32,9 +32,12 @@ def value_types(proto, infer: bool = True) -> dict[str, int]:
     return types
 
 
-def check_typing(proto, target: Target, io: str = "fp16", name: str = "graph") -> dict:
-    """Typing facts of ``proto``; raises a LeanError naming the first offenders if it does not fit ``target``."""
-    types = value_types(proto)
+def check_typing(proto, target: Target, io: str = "fp16", name: str = "graph", types: dict | None = None) -> dict:
+    """Typing facts of ``proto``; raises a LeanError naming the first offenders if it does not fit ``target``.
+
+    ``types``: ``value_types`` of the proto when the caller already inferred them.
+    """
+    types = value_types(proto) if types is None else types
     graph = proto.graph
     want = TensorProto.FLOAT16 if target.typed else TensorProto.FLOAT
     want_io = TensorProto.FLOAT if not target.typed or io == "fp32" else TensorProto.FLOAT16

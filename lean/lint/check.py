@@ -41,10 +41,14 @@ class LintResult:
 
 
 def lint_model(proto, target: str, name: str = "graph") -> LintResult:
+    return lint_view(GraphView(proto, name), target)
+
+
+def lint_view(g: GraphView, target: str) -> LintResult:
+    """The lint of a graph already viewed (its shape inference shared with the caller)."""
     if target not in TARGETS:
         raise LeanError(f"unknown --target {target!r}: choose one of {', '.join(TARGETS)}")
-    g = GraphView(proto, name)
-    return LintResult(name, target, [rule(g, target) for rule in RULES], mac_split(g))
+    return LintResult(g.name, target, [rule(g, target) for rule in RULES], mac_split(g))
 
 
 def lint_file(path, target: str) -> LintResult:
