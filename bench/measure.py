@@ -33,7 +33,7 @@ def floor(ckpt: str, data: str, device: str, tensorrt: str = "10") -> dict:
     from lean.checkpoint import read_checkpoint
     from lean.data import load_inputs
     from lean.models import BackboneGraph
-    from lean.trace import _qdq_translation
+    from lean.trace import qdq_translation_table
     from lean.validate import feeds, ort_session
 
     t_import = time.perf_counter() - t0
@@ -56,7 +56,7 @@ def floor(ckpt: str, data: str, device: str, tensorrt: str = "10") -> dict:
     t = time.perf_counter()
     program = torch.onnx.export(BackboneGraph(model), (img, depth), dynamo=True, opset_version=opset,
                                 input_names=["img", "depth"], output_names=["camera_feature", "camera_depth_weights"],
-                                custom_translation_table={torch.ops.lean.quantize_dequantize.default: _qdq_translation(opset)},
+                                custom_translation_table=qdq_translation_table(opset),
                                 external_data=False)
     times["torch.onnx.export"] = time.perf_counter() - t
     path = Path(ckpt).with_suffix(".floor.onnx")

@@ -35,7 +35,7 @@ from lean.lint.graph import GraphView
 from lean.models import BackboneGraph, VTransformGraph
 from lean.quant.qdq import clamp_scales_to_fp16
 from lean.report import ExportReport, GraphResult, Stages, qdq_pairs
-from lean.simplify import simplify
+from lean.simplify import node_count, simplify
 from lean.target import DEFAULT_TARGET, Target, get_target
 from lean.trace import CastIO, annotate, exact_float32, reference, to_proto, trace
 from lean.typecheck import check_typing
@@ -98,10 +98,11 @@ class _GraphWriter:
         t0 = time.perf_counter()
         with stages("export", f"exporting {name} (torch.export, opset {self.opset})"):
             model = trace(module, inputs, list(spec.outputs), self.opset)
-        nodes = (len(model.graph), len(model.graph))
         if self.opts.simplify:
             with stages("simplify", f"simplifying {name} (onnxscript optimizer)"):
                 nodes = simplify(model)
+        else:
+            nodes = (node_count(model),) * 2
         proto = to_proto(model, self.opset)
         del model  # the file's weights are in the proto now: one copy less at the peak (validation)
         with stages("lint", f"linting {name} for TensorRT {self.target.name} (typing, Q/DQ, operators, contract)"):

@@ -11,10 +11,10 @@ def simplify(model) -> tuple[int, int]:
     """Optimize an ``onnx_ir.Model`` in place; returns its node count before and after."""
     import onnxscript.optimizer
 
-    before = _nodes(model)
+    before = node_count(model)
     onnxscript.optimizer.optimize_ir(model)
-    return before, _nodes(model)
+    return before, node_count(model)
 
 
-def _nodes(model) -> int:
-    return sum(1 for _ in model.graph)
+def node_count(model) -> int:
+    return len(model.graph)

@@ -64,6 +64,11 @@ def reference(module: nn.Module, inputs: dict[str, torch.Tensor], output_names: 
     return dict(zip(output_names, out if isinstance(out, (tuple, list)) else (out,)))
 
 
+def qdq_translation_table(opset: int) -> dict:
+    """``custom_translation_table`` for ``torch.onnx.export``: the Q/DQ op's ONNX form at ``opset``."""
+    return {quantize_dequantize._opoverload: _qdq_translation(opset)}
+
+
 def _qdq_translation(opset: int):
     """The ONNX form of ``lean::quantize_dequantize``: QuantizeLinear -> DequantizeLinear, zero point 0
     (int8), per channel on ``axis`` for weights. The opset-13 form below 19, where
@@ -83,7 +88,6 @@ def _qdq_translation(opset: int):
 
 def trace(module: nn.Module, inputs: dict[str, torch.Tensor], output_names: list[str], opset: int):
     """torch.export -> ONNX IR model (``onnx_ir.Model``), unoptimized, at ``max(opset, 18)``."""
-    table = {quantize_dequantize._opoverload: _qdq_translation(opset)}
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "torchvision is not installed" and the like, on every export
@@ -92,7 +96,8 @@ def trace(module: nn.Module, inputs: dict[str, torch.Tensor], output_names: list
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module, tuple(inputs.values()), dynamo=True, opset_version=max(opset, EXPORTER_MIN_OPSET),
-                input_names=list(inputs), output_names=output_names, custom_translation_table=table,
+                input_names=list(inputs), output_names=output_names,
+                custom_translation_table=qdq_translation_table(opset),
                 optimize=False, external_data=False, verbose=False,
             )
     finally:
