@@ -1,10 +1,13 @@
 """Checkpoint reading and writing.
 
-Accepted inputs, all read with ``torch.load(weights_only=True)`` (nothing in a file can run code):
-- an official BEVFusion training checkpoint: ``{"state_dict": {"encoders.camera.*": ..., "encoders.lidar.*": ...}}``;
-- a bare state dict with the same keys (with or without the ``encoders.camera.`` prefix);
+Accepted inputs, read with ``torch.load(weights_only=True)`` or, for files holding more than
+tensors, the restricted reader (``lean.pickled``); nothing in a file can run code:
+- trainers' checkpoints, the layout detected from the key prefixes (``LAYOUTS``): MIT bevfusion
+  (``{"state_dict": {"encoders.camera.*": ...}}``), mmdetection3d 1.x and AWML (mmengine files with
+  ``img_backbone.*``, ``img_neck.*``, ``view_transform.*``), OpenPCDet (``{"model_state":
+  {"image_backbone.*", "neck.*", "vtransform.*"}}``), and bare camera state dicts;
 - the project's own format (float or PTQ), which adds the config and metadata;
-- CUDA-BEVFusion's pickled whole model, through the restricted reader (``lean.pickled``).
+- CUDA-BEVFusion's pickled whole model.
 
 State dicts with pytorch-quantization names (``*._input_quantizer._amax``; CUDA-BEVFusion's)
 are renamed to ours here (``map_legacy_state_dict``), whichever way they were read.
@@ -60,7 +63,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     except pickle.UnpicklingError:
         # Not a plain state dict: a whole pickled model (CUDA-BEVFusion's bevfusion_ptq.pth) or
         # something hostile. The restricted reader takes the first and refuses the second by name.
-        obj = read_pickled_model(path)
+        obj = read_pickled_model(path, CONTAINERS)
     except Exception as e:  # noqa: BLE001 - torch.load raises anything from IndexError to EOFError on junk
         raise LeanError(f"{path} is not a PyTorch checkpoint or is truncated ({first_line(e)})") from None
     if isinstance(obj, PickledModel):
@@ -72,6 +75,33 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return ckpt
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How one trainer names the camera branch in its state dict."""
+
+    name: str  # the checkpoint's ``source_format``
+    title: str
+    prefixes: tuple[tuple[str, str], ...]  # (theirs, ours) for backbone, neck, view transform
+
+    def describe(self) -> str:
+        return f"{self.title} ({', '.join(theirs + '*' for theirs, _ in self.prefixes)})"
+
+
+def _layout(name, title, backbone, neck, vtransform) -> Layout:
+    return Layout(name, title, ((backbone, "backbone."), (neck, "neck."), (vtransform, "vtransform.")))
+
+
+# In the order they are tried: OpenPCDet's ``neck.`` and ``vtransform.`` are also the bare names.
+LAYOUTS = (
+    _layout("mit", "MIT bevfusion", PREFIX + "backbone.", PREFIX + "neck.", PREFIX + "vtransform."),
+    _layout("mmdet3d", "mmdetection3d 1.x / AWML", "img_backbone.", "img_neck.", "view_transform."),
+    _layout("openpcdet", "OpenPCDet", "image_backbone.", "neck.", "vtransform."),
+    _layout("state-dict", "bare camera state dict", "backbone.", "neck.", "vtransform."),
+)
+# Where trainers keep the weights inside the file: MIT/mmengine ``state_dict``, OpenPCDet ``model_state``.
+CONTAINERS = ("state_dict", "model_state", "model")
+
+
 def checkpoint_from_object(obj, name: str) -> Checkpoint:
     """Classify what ``torch.load`` returned and pull out the camera branch."""
     if not isinstance(obj, dict):
@@ -79,44 +109,59 @@ def checkpoint_from_object(obj, name: str) -> Checkpoint:
     if obj.get("format") == FORMAT:
         if obj.get("format_version", 0) > FORMAT_VERSION:
             raise LeanError(f"{name} was written by a newer lean (format {obj['format_version']}): upgrade lean")
-        sd = camera_tensors(obj["state_dict"], name)
+        sd = camera_tensors(obj["state_dict"], name)[0]
         kind = obj.get("kind", "float")
         return Checkpoint(sd, kind, f"lean-{kind}", config=CameraConfig.from_dict(obj["config"]), meta=obj.get("meta", {}))
-    if isinstance(obj.get("state_dict"), dict):
-        sd = camera_tensors(obj["state_dict"], name)
-        source = "official"
-    else:
-        sd = camera_tensors(obj, name)
-        source = "state-dict"
+    container = next((k for k in CONTAINERS if isinstance(obj.get(k), dict)), None)
+    sd, source = camera_tensors(obj[container] if container else obj, name)
     if any(k.endswith("_amax") for k in sd):
         return map_legacy_state_dict(sd, source=f"cuda-bevfusion-{source}")
-    return Checkpoint(sd, "float", source, meta=obj.get("meta", {}) if isinstance(obj.get("meta"), dict) else {})
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) and source == "mit" else {}
+    return Checkpoint(sd, "float", source, meta=meta)
 
 
-def camera_tensors(sd: dict, name: str) -> dict[str, torch.Tensor]:
+def camera_tensors(sd: dict, name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The camera branch of a trainer's state dict under our names, and the layout it was found in.
+
+    The layout is detected from the key prefixes (``LAYOUTS``); AWML is told from mmdetection3d
+    by its view transform's ``.net`` Sequentials. Everything else (lidar, fuser, heads) is dropped.
+    """
     tensors = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    if any(k.startswith(PREFIX) for k in tensors):
-        out = {k[len(PREFIX) :]: v for k, v in tensors.items() if k.startswith(PREFIX)}
-    else:
-        # A bare camera state dict; everything else (lidar, fuser, heads) is not ours.
-        out = {k: v for k, v in tensors.items() if k.split(".")[0] in ("backbone", "neck", "vtransform")}
-    if not out:
-        sample = ", ".join(list(map(str, sd))[:3]) or "nothing"
-        raise LeanError(
-            f"{name} has no camera-branch weights (no 'encoders.camera.*' keys; first keys: {sample}): "
-            "pass a BEVFusion checkpoint"
-        )
-    return out
+    if tensors and all(k.startswith("module.") for k in tensors):  # saved from a DataParallel wrapper
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    for layout in LAYOUTS:
+        out = {}
+        for theirs, ours in layout.prefixes:
+            out.update({ours + k[len(theirs):]: v for k, v in tensors.items() if k.startswith(theirs)})
+        if any(k.startswith("backbone.") for k in out) and any(k.startswith("vtransform.") for k in out):
+            source = layout.name
+            if source == "mmdet3d" and any(k.startswith("vtransform.dtransform.net.") for k in out):
+                source = "awml"
+            return out, source
+    raise LeanError(f"{name} holds no camera branch in a known layout: top-level prefixes seen: "
+                    f"{_prefixes(list(sd))}; layouts known: {'; '.join(l.describe() for l in LAYOUTS)}")
+
+
+def _prefixes(keys: list) -> str:
+    seen = []
+    for k in keys:
+        parts = str(k).split(".")
+        p = ".".join(parts[:2]) + "." if parts[0] == "encoders" and len(parts) > 2 else (
+            parts[0] + "." if len(parts) > 1 else parts[0])
+        if p not in seen:
+            seen.append(p)
+    shown = ", ".join(seen[:8]) or "none"
+    return shown + (f" (+{len(seen) - 8} more)" if len(seen) > 8 else "")
 
 
 def infer_config(sd: dict[str, torch.Tensor], cameras: int = 6) -> CameraConfig:
-    """Recover the branch's config from tensors official checkpoints carry.
+    """Recover the branch's config from the tensors trainers' checkpoints carry.
 
-    The frustum stores (u, v, depth) of every feature pixel: its last u and v are W-1 and H-1 of
-    the training image, and its depth axis is the dbound. dx/bx/nx give the BEV bounds.
+    The backbone and view-transform variant follow from which keys exist; widths from the conv
+    shapes. The frustum stores (u, v, depth) of every feature pixel: its last u and v are W-1
+    and H-1 of the training image, and its depth axis is the dbound. dx/bx/nx give the BEV bounds.
     """
-    backbone = "swint" if "backbone.patch_embed.projection.weight" in sd else "resnet50"
-    cfg = {"backbone": backbone, "cameras": cameras}
+    cfg = {"backbone": _backbone(sd), "cameras": cameras, "vtransform": _vtransform(sd)}
     fr = sd.get("vtransform.frustum")
     if fr is not None and fr.dim() == 4 and fr.shape[-1] == 3 and fr.shape[0] > 1:
         cfg["image_size"] = (round(fr[0, -1, 0, 1].item()) + 1, round(fr[0, 0, -1, 0].item()) + 1)
@@ -130,10 +175,40 @@ def infer_config(sd: dict[str, torch.Tensor], cameras: int = 6) -> CameraConfig:
         cfg.update(xbound=bounds[0], ybound=bounds[1], zbound=bounds[2])
     if "neck.fpn_convs.0.conv.weight" in sd:
         cfg["neck_channels"] = sd["neck.fpn_convs.0.conv.weight"].shape[0]
-    head = sd.get("vtransform.depthnet.6.weight")
+    first, last = _DEPTHNET[cfg["vtransform"]]
+    if first and first + "weight" in sd:
+        width = sd[first + "weight"].shape[0]
+        if width != CameraConfig(**cfg).depthnet_width:
+            cfg["depthnet_channels"] = width
+    if cfg["vtransform"] == "awml":
+        cfg["conv_bias"] = first + "bias" in sd
+    head = sd.get(last + "weight")
     if head is not None and fr is not None:
         cfg["bev_channels"] = head.shape[0] - fr.shape[0]
     return CameraConfig(**cfg)
+
+
+# The depthnet's first (hidden) and last conv of each view-transform variant.
+_DEPTHNET = {"depth_lss": ("vtransform.depthnet.0.", "vtransform.depthnet.6."),
+             "awml": ("vtransform.depthnet.net.0.", "vtransform.depthnet.net.6."),
+             "lss": (None, "vtransform.depthnet.")}
+
+
+def _backbone(sd) -> str:
+    if "backbone.patch_embed.projection.weight" in sd:
+        return "swint"
+    if "backbone.layer1.0.conv1.weight" in sd and "backbone.layer1.0.conv3.weight" not in sd:
+        raise LeanError("the checkpoint's backbone is a ResNet of basic blocks (ResNet18/34): this tool builds "
+                        "ResNet50 and SwinT camera backbones")
+    return "resnet50"
+
+
+def _vtransform(sd) -> str:
+    if "vtransform.dtransform.net.0.weight" in sd:
+        return "awml"
+    if "vtransform.depthnet.weight" in sd:
+        return "lss"  # one 1x1 conv, no dtransform: MIT's camera-only LSSTransform
+    return "depth_lss"
 
 
 def _r(x: float) -> float:

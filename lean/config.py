@@ -21,6 +21,9 @@ DEVICES = ("auto", "cpu", "cuda")
 BACKBONES = ("resnet50", "swint")
 # Channels of the backbone outputs the neck reads (indices 1, 2, 3).
 BACKBONE_CHANNELS = {"resnet50": (512, 1024, 2048), "swint": (192, 384, 768)}
+# View-transform variants (``lean.models.vtransform``): MIT/mmdetection3d/OpenPCDet's
+# DepthLSSTransform, MIT camera-only's LSSTransform (no depth input), tier4 AWML's DepthLSSTransform.
+VTRANSFORMS = ("depth_lss", "lss", "awml")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,9 @@ class CameraConfig:
     neck_channels: int = 256
     bev_channels: int = 80  # C
     downsample: int = 2
+    vtransform: str = "depth_lss"
+    depthnet_channels: int | None = None  # hidden width of the depthnet; None: the variant's
+    conv_bias: bool = True  # AWML: whether its dtransform and depthnet hidden convs have biases
 
     def __post_init__(self):
         self.validate()
@@ -56,12 +62,29 @@ class CameraConfig:
         return tuple(round((b[1] - b[0]) / b[2]) for b in (self.xbound, self.ybound, self.zbound))
 
     @property
+    def depthnet_width(self) -> int:
+        """Hidden width of the depthnet: MIT's keeps the neck's width, AWML's its input's (neck + 64)."""
+        if self.depthnet_channels:
+            return self.depthnet_channels
+        return self.neck_channels + 64 if self.vtransform == "awml" else self.neck_channels
+
+    @property
+    def uses_depth(self) -> bool:  # whether the backbone file takes the lidar depth image
+        return self.vtransform != "lss"
+
+    @property
+    def variant(self) -> str:
+        return f"{self.backbone}+generalized_lss_fpn+{self.vtransform}"
+
+    @property
     def backbone_channels(self) -> tuple[int, int, int]:
         return BACKBONE_CHANNELS[self.backbone]
 
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
             raise LeanError(f"unknown backbone {self.backbone!r}: choose one of {', '.join(BACKBONES)}")
+        if self.vtransform not in VTRANSFORMS:
+            raise LeanError(f"unknown view transform {self.vtransform!r}: choose one of {', '.join(VTRANSFORMS)}")
         h, w = self.image_size
         # The depth branch (strides 4 and 2) and the neck's output level must land on the same
         # fH x fW grid as the frustum, which holds only when the stride divides the image.

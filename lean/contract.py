@@ -20,13 +20,24 @@ class GraphSpec:
 
 BACKBONE = GraphSpec(BACKBONE_FILE, ("img", "depth"), ("camera_feature", "camera_depth_weights"),
                      {"img": 5, "depth": 5, "camera_feature": 4, "camera_depth_weights": 4})
+# Camera-only branches (MIT's LSSTransform) take no depth image; everything else is the same.
+BACKBONE_CAMERA_ONLY = GraphSpec(BACKBONE_FILE, ("img",), BACKBONE.outputs,
+                                 {k: v for k, v in BACKBONE.ranks.items() if k != "depth"})
 VTRANSFORM = GraphSpec(VTRANSFORM_FILE, ("feat_in",), ("feat_out",), {"feat_in": 4, "feat_out": 4})
 SPECS = {spec.file: spec for spec in (BACKBONE, VTRANSFORM)}
 
 
+def backbone_spec(uses_depth: bool) -> GraphSpec:
+    return BACKBONE if uses_depth else BACKBONE_CAMERA_ONLY
+
+
 def shape_problems(file: str, shapes: dict[str, list]) -> list[str]:
-    """What breaks the contract's shapes of ``file`` (names -> static shapes), [] if nothing."""
+    """What breaks the contract's shapes of ``file`` (names -> static shapes), [] if nothing.
+
+    A backbone file without a ``depth`` input is held to the camera-only contract."""
     spec = SPECS[file]
+    if spec is BACKBONE and "depth" not in shapes:
+        spec = BACKBONE_CAMERA_ONLY
     missing = [n for n in (*spec.inputs, *spec.outputs) if n not in shapes]
     if missing:
         return [f"no tensor named {', '.join(missing)}"]
@@ -36,10 +47,10 @@ def shape_problems(file: str, shapes: dict[str, list]) -> list[str]:
     if spec is VTRANSFORM:
         (b, c, x, y), out = shapes["feat_in"], shapes["feat_out"]
         return [] if out == [b, c, x // 2, y // 2] else [f"feat_out is {out}, expected {[b, c, x // 2, y // 2]}"]
-    (b, n, three, h, w), depth = shapes["img"], shapes["depth"]
+    (b, n, three, h, w), depth = shapes["img"], shapes.get("depth")
     feature, weights = shapes["camera_feature"], shapes["camera_depth_weights"]
     problems = [] if three == 3 else [f"img has {three} channels, not 3"]
-    if depth != [b, n, 1, h, w]:
+    if depth is not None and depth != [b, n, 1, h, w]:
         problems.append(f"depth is {depth}, expected {[b, n, 1, h, w]}")
     if feature[:3] != [b * n, h // 8, w // 8]:
         problems.append(f"camera_feature is {feature}, expected [B*N, H/8, W/8, C] = {[b * n, h // 8, w // 8, 'C']}")

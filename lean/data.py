@@ -133,14 +133,17 @@ def _read_image(path: Path) -> Image.Image:
         raise LeanError(f"{path}: cannot decode the image ({reason}); replace it with a valid JPEG") from None
 
 
-def load_example(folder, image_size=DEFAULT_IMAGE_SIZE, cameras: int | None = None) -> Sample:
-    """Read and preprocess an example-data folder; ``cameras`` defaults to all the matrices hold."""
+def load_example(folder, image_size=DEFAULT_IMAGE_SIZE, cameras: int | None = None, need_points: bool = True) -> Sample:
+    """Read and preprocess an example-data folder; ``cameras`` defaults to all the matrices hold.
+
+    ``need_points=False``: the lidar points are optional (camera-only branches); without the file the
+    sample holds none."""
     folder = Path(folder)
     if not folder.is_dir():
         raise LeanError(f"{folder}: no such folder; pass CUDA-BEVFusion's example-data folder "
                         "or create one with python example-data/generate.py")
     matrices = _read_matrices(folder)
-    points = _read_points(folder)
+    points = _read_points(folder) if need_points or (folder / POINTS_FILE).exists() else np.zeros((0, 5), np.float32)
     available = next(iter(matrices.values())).shape[1]
     n = available if cameras is None else cameras
     if not 1 <= n <= available:
@@ -172,12 +175,20 @@ def load_example(folder, image_size=DEFAULT_IMAGE_SIZE, cameras: int | None = No
     )
 
 
-def load_inputs(folder, cfg: CameraConfig) -> tuple[Sample, torch.Tensor, torch.Tensor]:
+def load_inputs(folder, cfg: CameraConfig) -> tuple[Sample, torch.Tensor, torch.Tensor | None]:
     """An example-data folder -> (sample, img, depth): the backbone's inputs for ``cfg``'s rig,
-    the depth image made from the lidar points as the runtime makes it."""
-    sample = load_example(folder, image_size=cfg.image_size, cameras=cfg.cameras)
+    the depth image made from the lidar points as the runtime makes it (None for a camera-only
+    branch, which needs no points)."""
+    sample = load_example(folder, image_size=cfg.image_size, cameras=cfg.cameras, need_points=cfg.uses_depth)
+    if not cfg.uses_depth:
+        return sample, sample.img, None
     depth = depth_image(sample.points, sample.lidar2image, sample.img_aug_matrix, cfg.image_size)
     return sample, sample.img, depth
+
+
+def backbone_inputs(img: torch.Tensor, depth: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The backbone file's inputs by name: ``img``, and ``depth`` unless the branch is camera-only."""
+    return {"img": img} if depth is None else {"img": img, "depth": depth}
 
 
 def write_example(folder, images, camera2lidar, camera_intrinsics, lidar2image, img_aug_matrix, points) -> list[Path]:

@@ -26,8 +26,8 @@ from lean.bev import Geometry, pool_to_bev
 from lean.build import build_model, resolve_config, resolve_device, versions
 from lean.checkpoint import read_checkpoint
 from lean.config import DEFAULT_DATA
-from lean.contract import BACKBONE, BACKBONE_FILE, VTRANSFORM, VTRANSFORM_FILE, GraphSpec
-from lean.data import load_inputs
+from lean.contract import BACKBONE, BACKBONE_FILE, VTRANSFORM, VTRANSFORM_FILE, GraphSpec, backbone_spec
+from lean.data import backbone_inputs, load_inputs
 from lean.errors import LeanError
 from lean.io import atomic_path, ensure_writable
 from lean.lint.check import lint_view
@@ -150,7 +150,7 @@ def _export_camera(opts: ExportOptions) -> ExportReport:
         ckpt = read_checkpoint(opts.ckpt)
         cfg = resolve_config(ckpt, opts.backbone, opts.image_size, opts.cameras, opts.rebuild_frustum,
                              opts.xbound, opts.ybound)
-    with stages("build", f"building the {cfg.backbone} {precision.upper()} model on {device}"):
+    with stages("build", f"building the {cfg.variant} {precision.upper()} model on {device}"):
         # Channels-last: oneDNN and cuDNN convs run faster on NHWC; the graph is the same.
         model = build_model(ckpt, cfg, precision, opts.rebuild_frustum).to(device, memory_format=torch.channels_last)
         clamped = 0
@@ -160,9 +160,9 @@ def _export_camera(opts: ExportOptions) -> ExportReport:
             model.half().float()
     with stages("data", f"reading example data {opts.data}"):
         sample, img, depth = load_inputs(opts.data, cfg)
-        img, depth = img.to(device), depth.to(device)
+        inputs = {k: v.to(device) for k, v in backbone_inputs(img, depth).items()}
     with stages("reference", "PyTorch reference forward (FP32) of both graphs"):
-        ref_backbone = reference(BackboneGraph(model), {"img": img, "depth": depth}, list(BACKBONE.outputs))
+        ref_backbone = reference(BackboneGraph(model), inputs, list(BACKBONE.outputs))
         # The vtransform's input is what the runtime feeds it: the pooled backbone output.
         bev_in = pool_to_bev(ref_backbone["camera_feature"], ref_backbone["camera_depth_weights"], sample, model).to(device)
         ref_vtransform = reference(VTransformGraph(model), {"feat_in": bev_in}, list(VTRANSFORM.outputs))
@@ -177,15 +177,15 @@ def _export_camera(opts: ExportOptions) -> ExportReport:
         return CastIO(module) if target.typed and opts.io == "fp32" else module
 
     calibration = ckpt.meta.get("calibration", {}) if ckpt.kind == "ptq" and precision == "int8" else None
-    props = {"precision": precision, "backbone": cfg.backbone, "image_size": "x".join(map(str, cfg.image_size)),
+    props = {"precision": precision, "backbone": cfg.backbone, "variant": cfg.variant, "image_size": "x".join(map(str, cfg.image_size)),
              "cameras": cfg.cameras, "source_format": ckpt.source,
              "calibration": json.dumps(calibration) if calibration is not None else "none",
              "checkpoint_sha256": ckpt.sha256, "tensorrt": target.name, "typing": target.typing,
              "io": "fp32" if io_dtype == torch.float32 else "fp16"}
     with ExitStack() as pending:
         export_graph = _GraphWriter(opts, target, opset, out_dir, props, stages, pending)
-        backbone = export_graph(BACKBONE, part(BACKBONE), {"img": img.to(io_dtype), "depth": depth.to(io_dtype)},
-                                ref_backbone)
+        spec = backbone_spec(cfg.uses_depth)
+        backbone = export_graph(spec, part(spec), {k: v.to(io_dtype) for k, v in inputs.items()}, ref_backbone)
         vtransform = export_graph(VTRANSFORM, part(VTRANSFORM), {"feat_in": bev_in.to(io_dtype)}, ref_vtransform)
         target_facts = {"tensorrt": target.name, "runtimes": target.runtimes, "typing": target.typing, "io": props["io"],
                         "fp16_scales_clamped": clamped if target.typed else None, "fp32_islands": []}
@@ -212,6 +212,6 @@ def _facts(opts: ExportOptions, opset: int, device: torch.device, cfg, ckpt, tar
         "target": target,
         "config": cfg.to_dict(),
         "checkpoint": {"path": str(opts.ckpt), "sha256": ckpt.sha256, "source_format": ckpt.source,
-                       "kind": ckpt.kind, "meta": ckpt.meta},
+                       "variant": cfg.variant, "kind": ckpt.kind, "meta": ckpt.meta},
         "versions": versions(),
     }

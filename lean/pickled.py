@@ -132,11 +132,13 @@ def _element_size(dtype: torch.dtype) -> int:
 
 
 # -- the camera branch of the pickled model -----------------------------------------------------
-def read_pickled_model(path) -> PickledModel | dict:
+def read_pickled_model(path, containers: tuple[str, ...] = ("state_dict",)) -> PickledModel | dict:
     """A whole pickled BEVFusion model (CUDA-BEVFusion's ``bevfusion_ptq.pth``) -> its camera branch.
 
-    A pickled checkpoint dict (one whose extras, numpy or an mmcv config, kept torch's safe loader
-    away) comes back as a dict of its tensors, ``{"state_dict": ...}`` when it had one.
+    A pickled checkpoint dict (one whose extras kept torch's safe loader away: numpy, an mmcv
+    config, mmengine's message hub) comes back as a dict of its tensors, or as
+    ``{container: tensors}`` for the first of ``containers`` it holds (the optimizer state and
+    the like are never read).
     """
     path = Path(path)
     archive = _Archive(path)
@@ -155,7 +157,7 @@ def read_pickled_model(path) -> PickledModel | dict:
             text = f"{path} is not a readable pickled model ({first_line(e)}): pass a .pth checkpoint"
             raise LeanError(text) from None
         if isinstance(root, dict):
-            return _from_dict(root, archive)
+            return _from_dict(root, archive, containers)
         camera = _find_camera(root)
         if camera is None:
             what = root.pickle_name if isinstance(root, Placeholder) else type(root).__name__
@@ -176,11 +178,14 @@ def read_pickled_model(path) -> PickledModel | dict:
     return PickledModel(sd, disabled, len(quantizers), sum(len(n) > 1 for n, _ in quantizers))
 
 
-def _from_dict(root: dict, archive: _Archive) -> dict:
+def _from_dict(root: dict, archive: _Archive, containers: tuple[str, ...]) -> dict:
     def tensors(d):
         return {k: archive.tensor(v) for k, v in d.items() if isinstance(k, str) and isinstance(v, TensorRef)}
 
-    return {"state_dict": tensors(root["state_dict"])} if isinstance(root.get("state_dict"), dict) else tensors(root)
+    for key in containers:
+        if isinstance(root.get(key), dict):
+            return {key: tensors(root[key])}
+    return tensors(root)
 
 
 def _state(obj) -> dict:

@@ -18,7 +18,7 @@ import lean
 from lean.build import build_folded, resolve_config, resolve_device, versions
 from lean.checkpoint import read_checkpoint, save_checkpoint
 from lean.config import DEFAULT_DATA, DEMO_FLOAT_CKPT, DEMO_PTQ_CKPT
-from lean.data import POINTS_FILE, load_inputs
+from lean.data import MATRIX_FILES, load_inputs
 from lean.errors import LeanError
 from lean.log import logger
 from lean.quant.modelopt import calibrate, insert_quantizers, quant_config
@@ -42,11 +42,12 @@ def calibration_folders(data: Path) -> list[Path]:
     data = Path(data)
     if not data.is_dir():
         raise LeanError(f"calibration data {data} is not a folder: pass an example-data folder or a folder of them")
-    if (data / POINTS_FILE).exists():
+    marker = f"{MATRIX_FILES[0]}.tensor"  # every sample has it; points.tensor only where depth is used
+    if (data / marker).exists():
         return [data]
-    found = sorted(p for p in data.iterdir() if (p / POINTS_FILE).exists())
+    found = sorted(p for p in data.iterdir() if (p / marker).exists())
     if not found:
-        raise LeanError(f"{data} holds no samples: expected {POINTS_FILE} in it or in its subfolders")
+        raise LeanError(f"{data} holds no samples: expected {marker} in it or in its subfolders")
     return found
 
 
@@ -70,7 +71,7 @@ def run_ptq(opts: PTQOptions) -> dict:
         # Each sample is read when needed, so hundreds of calibration folders never sit in memory.
         for folder in itertools.islice(itertools.cycle(folders), batches):
             sample, img, depth = load_inputs(folder, cfg)
-            yield img.to(device), depth.to(device), sample
+            yield img.to(device), None if depth is None else depth.to(device), sample
 
     bar = _progress(batches, f"calibrating ({opts.method})", opts.progress)
     t = time.perf_counter()

@@ -2,8 +2,9 @@
 
 Used for CUDA-BEVFusion's PTQ checkpoint (``lean.pickled``), a whole pickled model whose file
 names classes from mmcv, mmdet3d, pytorch-quantization, spconv and CUDA-BEVFusion's own ``lean``
-package (none of which this project installs); unpickling it the ordinary way would import and
-run them. Here:
+package, and for mmengine checkpoints (mmdetection3d 1.x, AWML), whose message hub holds
+mmengine ``HistoryBuffer`` objects with numpy arrays (none of which this project installs);
+unpickling them the ordinary way would import and run them. Here:
 
 - classes from those packages become inert placeholders that only record what the pickle gives
   them (constructor arguments, ``__setstate__`` state, items); nothing is imported;
@@ -23,12 +24,13 @@ from collections import OrderedDict
 
 import torch
 
-# Packages whose classes a CUDA-BEVFusion model pickle names. Any class under them may become a
-# placeholder: placeholders never import or run the real thing, so the list only has to cover
-# what such files hold, not what is safe to run. ``lean.quantize``/``lean.funcs`` are
+# Packages whose classes a CUDA-BEVFusion model pickle or an mmengine checkpoint names. Any class
+# under them may become a placeholder: placeholders never import or run the real thing (a numpy
+# array stays a record of its bytes), so the list only has to cover what such files hold, not
+# what is safe to run. ``lean.quantize``/``lean.funcs`` are
 # CUDA-BEVFusion's qat/lean modules (helper forwards, QuantConcat, SparseConvolutionQunat), not ours.
 PLACEHOLDER_PACKAGES = (
-    "mmcv", "mmdet", "mmdet3d", "pytorch_quantization", "spconv", "cumm", "torchpack", "addict",
+    "mmcv", "mmdet", "mmdet3d", "mmengine", "pytorch_quantization", "spconv", "cumm", "torchpack", "addict",
     "numpy", "torch.nn", "lean.quantize", "lean.funcs",
 )
 # Plain containers a pickle may build by calling their type; calling them runs no user code.
@@ -174,6 +176,27 @@ def _reconstructor(cls, base, state):
     return cls.__new__(cls, state)
 
 
+class MemberRef:
+    """What ``getattr(placeholder class, name)`` gives a pickle: a record of the name, never the member.
+
+    mmengine pickles a HistoryBuffer's statistics methods as ``getattr(HistoryBuffer, "min")``."""
+
+    __slots__ = ("owner", "name")
+
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __setstate__(self, state):
+        raise pickle.UnpicklingError("state applied to a member reference")
+
+
+def _getattr(obj, name, *default):
+    if not (isinstance(obj, type) and issubclass(obj, Placeholder) and isinstance(name, str) and name.isidentifier()
+            and not name.startswith("__") and not default):
+        raise Refused(f"builtins.getattr({_name_of(obj)}, {name!r})")
+    return MemberRef(obj.pickle_name, name)
+
+
 def _torch_size(values=()):
     if not _ints(values):
         raise pickle.UnpicklingError("torch.Size of non-integers")
@@ -223,6 +246,7 @@ _FUNCTIONS = _allowed({
     ("copyreg", "__newobj__"): _newobj,
     ("copyreg", "__newobj_ex__"): _newobj_ex,
     ("copyreg", "_reconstructor"): _reconstructor,
+    ("builtins", "getattr"): _getattr,
     # Only as the type argument of _rebuild_from_type_v2; calling them is refused.
     ("torch", "Tensor"): None,
     ("torch._tensor", "Tensor"): None,
@@ -251,6 +275,7 @@ class Unpickler(pickle.Unpickler):
         super().__init__(file)
         self.records = records
         self.legacy = legacy
+        self.after_getattr = False  # the global fetched last was builtins.getattr
 
     def find_class(self, module, name):
         # Protocol 2 writes Python 2 names (``__builtin__.set``); read them as the stock unpickler does.
@@ -259,6 +284,7 @@ class Unpickler(pickle.Unpickler):
         elif module in _compat_pickle.IMPORT_MAPPING:
             module = _compat_pickle.IMPORT_MAPPING[module]
         key = (module, name)
+        after_getattr, self.after_getattr = self.after_getattr, key == ("builtins", "getattr")
         if key in _FUNCTIONS:
             return _FUNCTIONS[key]
         if key in _PLAIN_TYPES:
@@ -269,7 +295,8 @@ class Unpickler(pickle.Unpickler):
             return _DTYPES[name]
         if _placeholder_allowed(module, name):
             return self.records.placeholder(module, name)
-        raise Refused(f"{module}.{name}")
+        # Protocol 2 reaches a method as getattr(class, name): name the getattr the pickle set up.
+        raise Refused(f"builtins.getattr on {module}.{name}" if after_getattr else f"{module}.{name}")
 
     def persistent_load(self, pid):
         if not isinstance(pid, tuple) or not pid:

@@ -33,7 +33,7 @@ def test_official_checkpoint_round_trips_bit_for_bit(tmp_path, model):
     sd = {f"encoders.camera.{k}": v for k, v in model.state_dict().items()} | extra
     torch.save({"state_dict": sd, "meta": {"epoch": 20}}, path)
     ckpt = read_checkpoint(path)
-    assert ckpt.source == "official" and ckpt.kind == "float"
+    assert ckpt.source == "mit" and ckpt.kind == "float"
     again = build_camera(infer_config(ckpt.state_dict, cameras=2))
     load_weights(again, ckpt.state_dict)
     for a, b in zip(outputs(model), outputs(again)):
@@ -86,7 +86,10 @@ def test_no_camera_keys(tmp_path):
     torch.save({"state_dict": {"encoders.lidar.x": torch.zeros(1)}}, path)
     with pytest.raises(LeanError) as e:
         read_checkpoint(path)
-    assert "no camera-branch weights" in one_line(e)
+    text = one_line(e)
+    assert "no camera branch in a known layout" in text and "prefixes seen: encoders.lidar." in text
+    for known in ("encoders.camera.backbone.*", "img_backbone.*", "image_backbone.*", "backbone.*"):
+        assert known in text
 
 
 def test_wrong_keys_name_the_offenders(model):

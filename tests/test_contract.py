@@ -1,4 +1,4 @@
-from lean.contract import BACKBONE_FILE, VTRANSFORM_FILE, shape_problems
+from lean.contract import BACKBONE_FILE, VTRANSFORM_FILE, backbone_spec, shape_problems
 
 GOOD = {"img": [1, 6, 3, 256, 704], "depth": [1, 6, 1, 256, 704], "camera_feature": [6, 32, 88, 80],
         "camera_depth_weights": [6, 118, 32, 88]}
@@ -8,7 +8,14 @@ def test_backbone_shapes():
     assert shape_problems(BACKBONE_FILE, GOOD) == []
     assert shape_problems(BACKBONE_FILE, {**GOOD, "camera_feature": [6, 80, 32, 88]})  # NCHW, not NHWC
     assert shape_problems(BACKBONE_FILE, {**GOOD, "depth": [1, 6, 3, 256, 704]})
-    assert "no tensor named depth" in shape_problems(BACKBONE_FILE, {k: v for k, v in GOOD.items() if k != "depth"})[0]
+    assert "no tensor named img" in shape_problems(BACKBONE_FILE, {k: v for k, v in GOOD.items() if k != "img"})[0]
+
+
+def test_camera_only_backbone_has_no_depth_input():
+    camera_only = {k: v for k, v in GOOD.items() if k != "depth"}
+    assert shape_problems(BACKBONE_FILE, camera_only) == []
+    assert backbone_spec(False).inputs == ("img",) and backbone_spec(True).inputs == ("img", "depth")
+    assert shape_problems(BACKBONE_FILE, {**camera_only, "camera_feature": [6, 80, 32, 88]})
 
 
 def test_vtransform_shapes():

@@ -399,8 +399,8 @@ def test_state_dict_variants_load_the_same_model(standin, standin_ckpt, tmp_path
     sd = standin.model.module.state_dict()  # encoders.camera.*, encoders.lidar.*, fuser.*, ...
     assert "encoders.camera.neck.quant_concat0._input_quantizer._amax" in sd
     assert "encoders.camera.backbone.layer1.0.conv1._input_quantizer._amax" in sd
-    for name, obj, source in (("official.pth", {"state_dict": sd}, "cuda-bevfusion-official"),
-                              ("bare.pth", dict(sd), "cuda-bevfusion-state-dict")):
+    for name, obj, source in (("official.pth", {"state_dict": sd}, "cuda-bevfusion-mit"),
+                              ("bare.pth", dict(sd), "cuda-bevfusion-mit")):
         torch.save(obj, tmp_path / name)
         ckpt = read_checkpoint(tmp_path / name)
         assert (ckpt.kind, ckpt.source) == ("ptq", source)
@@ -447,6 +447,6 @@ def test_state_dict_with_unsafe_extras_loads(standin, standin_ckpt, tmp_path):
     with registered():
         torch.save(obj, tmp_path / "det.pth")
     ckpt = read_checkpoint(tmp_path / "det.pth")
-    assert (ckpt.kind, ckpt.source) == ("ptq", "cuda-bevfusion-official")
+    assert (ckpt.kind, ckpt.source) == ("ptq", "cuda-bevfusion-mit")
     assert set(ckpt.state_dict) == set(standin_ckpt.state_dict)
     assert all(torch.equal(v, standin_ckpt.state_dict[k]) for k, v in ckpt.state_dict.items())

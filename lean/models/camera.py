@@ -11,9 +11,10 @@ from lean.config import CameraConfig
 from lean.models.neck import GeneralizedLSSFPN
 from lean.models.resnet import resnet50
 from lean.models.swin import swint
-from lean.models.vtransform import DepthLSSTransform
+from lean.models.vtransform import AWMLDepthLSSTransform, DepthLSSTransform, LSSTransform
 
 BACKBONE_BUILDERS = {"resnet50": resnet50, "swint": swint}
+VTRANSFORM_BUILDERS = {"depth_lss": DepthLSSTransform, "lss": LSSTransform, "awml": AWMLDepthLSSTransform}
 
 
 def build_backbone(cfg: CameraConfig) -> nn.Module:
@@ -26,12 +27,17 @@ class CameraBranch(nn.Module):
         self.cfg = cfg
         self.backbone = build_backbone(cfg)
         self.neck = GeneralizedLSSFPN(cfg.backbone_channels, cfg.neck_channels)
-        self.vtransform = DepthLSSTransform(cfg)
+        self.vtransform = VTRANSFORM_BUILDERS[cfg.vtransform](cfg)
 
-    def forward(self, img: torch.Tensor, depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """img [B,N,3,H,W], depth [B,N,1,H,W] -> camera_feature [B*N,fH,fW,C], depth weights [B*N,D,fH,fW]."""
+    def forward(self, img: torch.Tensor, depth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """img [B,N,3,H,W], depth [B,N,1,H,W] (None for camera-only variants) ->
+        camera_feature [B*N,fH,fW,C], depth weights [B*N,D,fH,fW]."""
         b, n, c, h, w = img.shape
         feat = self.neck(self.backbone(img.reshape(b * n, c, h, w)))
+        if not self.vtransform.uses_depth:
+            return self.vtransform(feat)
+        if depth is None:
+            raise ValueError(f"the {self.cfg.vtransform} view transform needs the depth image")
         return self.vtransform(feat, depth.reshape(b * n, 1, h, w))
 
     def bev_downsample(self, bev: torch.Tensor) -> torch.Tensor:
@@ -46,7 +52,7 @@ class BackboneGraph(nn.Module):
         super().__init__()
         self.branch = branch
 
-    def forward(self, img, depth):
+    def forward(self, img, depth=None):
         return self.branch(img, depth)
 
 

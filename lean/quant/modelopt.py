@@ -139,7 +139,7 @@ def quantizers(model: nn.Module) -> dict[str, nn.Module]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, method: str = "mse", progress=None, cuda_graph: bool = True) -> int:
-    """Collect statistics over ``batches`` of (img, depth[, sample]) and load every quantizer's amax.
+    """Collect statistics over ``batches`` of (img, depth or None[, sample]) and load every quantizer's amax.
 
     Weights are calibrated once, from the weights (per-channel max). Activations are collected by
     ``lean.quant.calib.RangeCollector`` in ModelOpt's quantizers (``entropy`` keeps ModelOpt's own
@@ -177,8 +177,8 @@ def calibrate(model: nn.Module, batches: Iterable, method: str = "mse", progress
         if stream is not None:
             torch.cuda.current_stream(device).wait_stream(stream)
 
-    def forward(img, depth):
-        out = model(img, depth)
+    def forward(*inputs):
+        out = model(*inputs)
         join()
         return out
 
@@ -186,12 +186,13 @@ def calibrate(model: nn.Module, batches: Iterable, method: str = "mse", progress
     captured = None
     seen = 0
     for img, depth, *sample in batches:
-        if captured is not None and captured.fits(img, depth):
-            feature, weights = captured(img, depth)
+        inputs = (img,) if depth is None else (img, depth)  # camera-only branches take no depth
+        if captured is not None and captured.fits(inputs):
+            feature, weights = captured(inputs)
         else:
-            feature, weights = _first_forward(forward, img, depth)
+            feature, weights = _first_forward(forward, inputs)
             if captured is None and own and cuda_graph and device.type == "cuda":
-                captured = _CapturedForward.capture(forward, img, depth)
+                captured = _CapturedForward.capture(forward, inputs)
         if downsample_quantized:
             if not sample:
                 raise LeanError("calibrating a quantized BEV downsample needs the samples' rig matrices")
@@ -215,15 +216,16 @@ def calibrate(model: nn.Module, batches: Iterable, method: str = "mse", progress
     return seen
 
 
-def _first_forward(forward, img, depth):
+def _first_forward(forward, inputs: tuple):
     """An eager forward; on CUDA on a fresh stream, which also warms up what a graph capture needs."""
-    if img.device.type != "cuda":
-        return forward(img, depth)
-    stream = torch.cuda.Stream(img.device)
-    stream.wait_stream(torch.cuda.current_stream(img.device))
+    device = inputs[0].device
+    if device.type != "cuda":
+        return forward(*inputs)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
-        out = forward(img, depth)
-    torch.cuda.current_stream(img.device).wait_stream(stream)
+        out = forward(*inputs)
+    torch.cuda.current_stream(device).wait_stream(stream)
     return out
 
 
@@ -231,29 +233,27 @@ class _CapturedForward:
     """One calibration forward captured as a CUDA graph: each replay runs the same kernels on
     new input data, collectors included (they update their statistics in place)."""
 
-    def __init__(self, graph, img, depth, outputs):
-        self.graph, self.img, self.depth, self.outputs = graph, img, depth, outputs
+    def __init__(self, graph, inputs: tuple, outputs):
+        self.graph, self.inputs, self.outputs = graph, inputs, outputs
 
     @classmethod
-    def capture(cls, forward, img, depth):
-        static_img, static_depth = img.clone(), depth.clone()
+    def capture(cls, forward, inputs: tuple):
+        static = tuple(t.clone() for t in inputs)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                outputs = forward(static_img, static_depth)
+                outputs = forward(*static)
         except Exception as e:  # noqa: BLE001 - capture is an optimization; calibrate eagerly instead
             logger.warning("CUDA graph capture failed (%s: %s); calibrating without it", type(e).__name__, e)
             return None
-        return cls(graph, static_img, static_depth, outputs)
+        return cls(graph, static, outputs)
 
-    def fits(self, img, depth) -> bool:
-        return all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-                   for a, b in ((img, self.img), (depth, self.depth)))
+    def fits(self, inputs: tuple) -> bool:
+        return len(inputs) == len(self.inputs) and all(
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device for a, b in zip(inputs, self.inputs))
 
-    def __call__(self, img, depth):
-        self.img.copy_(img)
-        self.depth.copy_(depth)
+    def __call__(self, inputs: tuple):
+        for static, new in zip(self.inputs, inputs):
+            static.copy_(new)
         self.graph.replay()
         return self.outputs
-
-
