@@ -95,6 +95,7 @@ def _layout(name, title, backbone, neck, vtransform) -> Layout:
 LAYOUTS = (
     _layout("mit", "MIT bevfusion", PREFIX + "backbone.", PREFIX + "neck.", PREFIX + "vtransform."),
     _layout("mmdet3d", "mmdetection3d 1.x / AWML", "img_backbone.", "img_neck.", "view_transform."),
+    _layout("mmdet3d", "mmdetection3d 1.x (older projects/BEVFusion)", "img_backbone.", "img_neck.", "vtransform."),
     _layout("openpcdet", "OpenPCDet", "image_backbone.", "neck.", "vtransform."),
     _layout("state-dict", "bare camera state dict", "backbone.", "neck.", "vtransform."),
 )

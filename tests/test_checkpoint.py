@@ -110,3 +110,69 @@ def test_frustum_of_another_image_size_says_so(model):
         load_weights(build_camera(SMALL), sd)
     text = one_line(e)
     assert "vtransform.frustum" in text and "--image-size" in text and "--rebuild-frustum" in text
+
+
+# -- checkpoints in the wild: each trainer's layout, built and saved by tests/trainers.py ----------
+WILD = {  # name: (saver, builder kwargs, expected source_format, expected variant)
+    "mit-camera-only": ("mit", dict(backbone="swint", vtransform="lss"), "mit", "swint+generalized_lss_fpn+lss"),
+    "mmdet3d": ("mmdet3d", dict(backbone="swint"), "mmdet3d", "swint+generalized_lss_fpn+depth_lss"),
+    "openpcdet": ("openpcdet", dict(backbone="swint"), "openpcdet", "swint+generalized_lss_fpn+depth_lss"),
+    "awml": ("awml", dict(backbone="resnet50", vtransform="awml"), "awml", "resnet50+generalized_lss_fpn+awml"),
+    "awml-no-bias": ("awml", dict(backbone="resnet50", vtransform="awml", bias=False), "awml",
+                     "resnet50+generalized_lss_fpn+awml"),
+}
+WILD_GRID = (-51.2, 51.2, 0.8)
+
+
+@pytest.fixture(scope="module")
+def wild_inputs():
+    img, depth = sample_inputs(SMALL)
+    return img, depth
+
+
+@pytest.mark.parametrize("case", list(WILD))
+def test_trainer_checkpoints_are_detected_and_compute_what_the_trainer_computes(tmp_path, wild_inputs, case):
+    from lean.build import build_model, resolve_config
+
+    from trainers import SAVERS, make_trainer_camera
+
+    saver, kw, source, variant = WILD[case]
+    img, depth = wild_inputs
+    theirs = make_trainer_camera(img, depth, xbound=WILD_GRID, **kw)
+    SAVERS[saver](theirs, tmp_path / "ckpt.pth")
+    ckpt = read_checkpoint(tmp_path / "ckpt.pth")
+    cfg = resolve_config(ckpt, cameras=SMALL.cameras)
+    assert (ckpt.source, ckpt.kind, cfg.variant) == (source, "float", variant)
+    assert (cfg.image_size, cfg.xbound, cfg.bev_grid) == (SMALL.image_size, WILD_GRID, (128, 128, 1))
+    assert cfg.conv_bias == kw.get("bias", True)
+    assert not any(k.split(".")[0] not in ("backbone", "neck", "vtransform") for k in ckpt.state_dict)
+    ours = build_model(ckpt, cfg, "fp16")  # strict load: every key and shape of theirs has its place
+    with torch.no_grad():
+        feature, weights = ours(img, depth if cfg.uses_depth else None)
+        their_weights, their_feature = theirs(img, depth)
+    for a, b in ((feature.permute(0, 3, 1, 2), their_feature), (weights, their_weights)):
+        assert torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), 0) > 0.999999
+
+
+def test_data_parallel_prefix_and_older_mmdet3d_names(tmp_path, model):
+    sd = {f"module.img_backbone.{k[9:]}" if k.startswith("backbone.") else
+          f"module.img_neck.{k[5:]}" if k.startswith("neck.") else f"module.{k}": v
+          for k, v in model.state_dict().items()}  # vtransform.* kept: older mmdet3d's name
+    torch.save({"state_dict": sd}, tmp_path / "ddp.pth")
+    ckpt = read_checkpoint(tmp_path / "ddp.pth")
+    assert ckpt.source == "mmdet3d" and set(ckpt.state_dict) == set(model.state_dict())
+
+
+def test_mmengine_extras_are_never_read_as_weights(tmp_path, model):
+    """An mmengine file: the message hub's HistoryBuffers and numpy arrays, the optimizer state and
+    the schedulers are passed over; only the state dict's tensors come back."""
+    from trainers import mmengine_checkpoint, mmengine_installed
+
+    sd = {("img_backbone." + k[9:]) if k.startswith("backbone.") else ("img_neck." + k[5:]) if k.startswith("neck.")
+          else "view_transform." + k[11:]: v for k, v in model.state_dict().items()}
+    with mmengine_installed():
+        torch.save(mmengine_checkpoint(sd), tmp_path / "epoch_12.pth")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(tmp_path / "epoch_12.pth", weights_only=True)  # why the restricted reader is needed
+    ckpt = read_checkpoint(tmp_path / "epoch_12.pth")
+    assert ckpt.source == "mmdet3d" and all(torch.equal(v, model.state_dict()[k]) for k, v in ckpt.state_dict.items())

@@ -278,5 +278,86 @@ def test_swint_config_is_read_from_its_keys(swint_ckpts):
 @pytest.mark.parametrize("tensorrt", ["10", "8"])
 def test_official_float_checkpoint_exports_fp16_to_both_targets(tmp_path, small_float_ckpt, example_dir, tensorrt):
     report = export(small_float_ckpt, tmp_path, example_dir, fp16=True, tensorrt=tensorrt)
-    assert report.facts["checkpoint"]["source_format"] == "official" and report.facts["bev_check"]["ok"]
+    assert report.facts["checkpoint"]["source_format"] == "mit" and report.facts["bev_check"]["ok"]
     assert report.facts["target"]["tensorrt"] == tensorrt
+
+
+# -- checkpoints in the wild: the exports compute what each trainer's own modules compute ---------
+WILD = {  # case: (saver, builder kwargs); tests/trainers.py builds and saves each as its trainer does
+    "mit-camera-only": ("mit", dict(backbone="swint", vtransform="lss")),
+    "mmdet3d": ("mmdet3d", dict(backbone="swint")),
+    "openpcdet": ("openpcdet", dict(backbone="swint")),
+    "awml": ("awml", dict(backbone="resnet50", vtransform="awml", bias=False)),
+}
+
+
+@pytest.fixture(scope="module")
+def wild(tmp_path_factory, example_dir):
+    """case -> (trainer's module, its checkpoint, the PTQ checkpoint made from it)."""
+    import torch
+
+    from lean.data import load_inputs
+
+    from trainers import SAVERS, make_trainer_camera
+
+    _, img, depth = load_inputs(example_dir, SMALL)
+    out = {}
+    for case, (saver, kw) in WILD.items():
+        folder = tmp_path_factory.mktemp(case)
+        theirs = make_trainer_camera(img, depth, xbound=(-51.2, 51.2, 0.8), **kw)
+        SAVERS[saver](theirs, folder / "ckpt.pth")
+        run_ptq(PTQOptions(ckpt=folder / "ckpt.pth", out=folder / "ptq.pth", data=example_dir, method="max",
+                           progress=False, cameras=SMALL.cameras))
+        out[case] = theirs, folder / "ckpt.pth", folder / "ptq.pth"
+    torch.manual_seed(0)
+    return out
+
+
+def _cosine(a, b) -> float:
+    a, b = (np.asarray(x, np.float64).ravel() for x in (a, b))
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("tensorrt", ["8", "10"])
+@pytest.mark.parametrize("case", list(WILD))
+def test_wild_checkpoint_fp16_export_matches_the_trainers_forward(tmp_path, wild, example_dir, case, tensorrt):
+    """TensorRT 8's FP32 graph within cosine 0.9999 of the trainer's modules, the typed FP16 graph 0.999,
+    on inputs the export never saw."""
+    import torch
+
+    from lean.validate import feeds, ort_session
+
+    theirs, ckpt, _ = wild[case]
+    report = export(ckpt, tmp_path, example_dir, fp16=True, tensorrt=tensorrt)
+    assert report.facts["checkpoint"]["source_format"] == case.split("-")[0]
+    uses_depth = WILD[case][1].get("vtransform") != "lss"
+    assert ("depth" in onnx_io(tmp_path / BACKBONE_FILE)) == uses_depth
+    g = torch.Generator().manual_seed(7)
+    img = torch.randn(1, SMALL.cameras, 3, *SMALL.image_size, generator=g)
+    depth = torch.rand(1, SMALL.cameras, 1, *SMALL.image_size, generator=g) * 40
+    depth *= torch.rand(depth.shape, generator=g) > 0.97
+    bev = torch.rand(1, 80, 128, 128, generator=g)
+    with torch.no_grad():
+        their_weights, their_feature = theirs(img, depth)
+        their_bev = theirs.vtransform.downsample(bev)
+    inputs = {"img": img, "depth": depth} if uses_depth else {"img": img}
+    session = ort_session(tmp_path / BACKBONE_FILE)
+    feature, weights = session.run(["camera_feature", "camera_depth_weights"], feeds(session, inputs))
+    session = ort_session(tmp_path / VTRANSFORM_FILE)
+    (out,) = session.run(["feat_out"], feeds(session, {"feat_in": bev}))
+    need = 0.9999 if tensorrt == "8" else 0.999
+    assert _cosine(feature.transpose(0, 3, 1, 2), their_feature) >= need
+    assert _cosine(weights, their_weights) >= need
+    assert _cosine(out, their_bev) >= need
+
+
+@pytest.mark.parametrize("tensorrt", ["8", "10"])
+@pytest.mark.parametrize("case", list(WILD))
+def test_wild_checkpoint_int8_export_after_ptq(tmp_path, wild, example_dir, case, tensorrt):
+    _, _, ptq = wild[case]
+    report = export(ptq, tmp_path, example_dir, tensorrt=tensorrt)
+    backbone = report.graphs[0]
+    assert backbone.qdq_pairs > 50 and report.facts["bev_check"]["ok"]
+    macs = backbone.lint["macs"]
+    assert backbone.lint["verdict"] != "error" and macs.get("INT8", 0) / sum(macs.values()) > 0.9
+    assert report.facts["checkpoint"]["variant"] == read_checkpoint(ptq).config.variant
