@@ -101,6 +101,9 @@ def summary_table(report: ExportReport) -> str:
             for k, v in g.lint["macs"].items():
                 total[k] = total.get(k, 0) + v
         lines.append(f"both files: MACs {describe(total)}")
+    ckpt = report.facts.get("checkpoint")
+    if ckpt:
+        lines += ["", f"checkpoint {ckpt['path']}: {ckpt['source_format']} format, {ckpt.get('variant', '?')}"]
     target = report.facts.get("target")
     if target:
         lines += ["", f"TensorRT {target['tensorrt']} ({target['runtimes']}): {target['typing']}, I/O {target['io'].upper()}, "

@@ -99,5 +99,6 @@ def test_summary_table_is_printed(tmp_path, small_ptq_ckpt, example_dir):
     header = r.stdout.splitlines()[0].split()
     assert header[:3] == ["file", "size", "nodes"] and "max" in header
     assert BACKBONE_FILE in r.stdout and VTRANSFORM_FILE in r.stdout and "BEV map" in r.stdout
+    assert "lean-ptq format, resnet50+generalized_lss_fpn+depth_lss" in r.stdout  # what was detected
     for png in ("bev_pytorch.png", "bev_onnx.png", "bev_diff.png"):
         assert (tmp_path / "o" / png).stat().st_size > 1000

@@ -41,3 +41,33 @@ def test_ptq_checkpoint_holds_amax_config_and_provenance(small_ptq_ckpt, small_f
     assert (cal["method"], cal["batches"], cal["samples"]) == ("max", 1, 1)
     assert ckpt.meta["source"]["sha256"] == read_checkpoint(small_float_ckpt).sha256
     assert "nvidia-modelopt" in ckpt.meta["versions"]
+
+
+def test_camera_only_branch_needs_no_lidar_points(tmp_path, example_dir):
+    """MIT's camera-only branch (LSSTransform): PTQ, INT8 export and the BEV check run on data
+    folders without points.tensor; a depth branch on the same folder says what is missing."""
+    from lean.checkpoint import save_official
+    from lean.data import load_example
+    from lean.export import ExportOptions, export_camera
+    from lean.scene import make_demo_model
+
+    from helpers import SMALL, onnx_io
+
+    data = tmp_path / "no-points"
+    shutil.copytree(example_dir, data)
+    (data / "points.tensor").unlink()
+    cfg = SMALL.replace(vtransform="lss")
+    save_official(tmp_path / "cam.pth", make_demo_model(cfg, load_example(example_dir, cfg.image_size, 2)).state_dict())
+    run_ptq(PTQOptions(ckpt=tmp_path / "cam.pth", out=tmp_path / "ptq.pth", data=data, method="max", progress=False,
+                       cameras=2))
+    report = export_camera(ExportOptions(ckpt=tmp_path / "ptq.pth", out_dir=tmp_path / "o", data=data, cameras=2))
+    assert report.facts["bev_check"]["ok"] and report.graphs[0].qdq_pairs > 50
+    assert list(onnx_io(tmp_path / "o" / "camera.backbone.onnx"))[0] == "img" and "depth" not in onnx_io(
+        tmp_path / "o" / "camera.backbone.onnx")
+    with pytest.raises(LeanError) as e:
+        run_ptq(PTQOptions(ckpt=tmp_path / "ptq.pth", out=tmp_path / "x.pth", data=data, progress=False))
+    assert "already quantized" in one_line(e)
+    save_official(tmp_path / "det.pth", make_demo_model(SMALL, load_example(example_dir, SMALL.image_size, 2)).state_dict())
+    with pytest.raises(LeanError) as e:
+        run_ptq(PTQOptions(ckpt=tmp_path / "det.pth", out=tmp_path / "x.pth", data=data, progress=False, cameras=2))
+    assert "points.tensor" in one_line(e)

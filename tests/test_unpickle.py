@@ -9,6 +9,7 @@ import pathlib
 import pickle
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,4 +90,77 @@ def test_hostile_raw_globals_are_refused_by_name(tmp_path, module, name):
     with pytest.raises(LeanError) as e:
         read_checkpoint(path)
     assert expected in one_line(e)
+    assert not marker.exists()
+
+
+# -- hostile files dressed as mmengine checkpoints (mmdetection3d 1.x / AWML) ------------------------
+class Call:
+    """Pickles as ``fn(*args)`` where ``fn`` is any picklable callable (a placeholder-able name too)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def _mmengine_file(path, marker, hub_extra):
+    from trainers import mmengine_checkpoint, mmengine_installed
+
+    sd = {"img_backbone.conv1.weight": torch.zeros(2), "view_transform.dx": torch.ones(3)}
+    with mmengine_installed():
+        torch.save(mmengine_checkpoint(sd, hub_extra), path)
+
+
+@pytest.mark.parametrize("case", ["os.system", "eval", "popen", "path.touch"])
+def test_mmengine_checkpoint_with_a_payload_in_its_message_hub_is_refused(tmp_path, case):
+    marker = tmp_path / "MARKER"
+    payload, names = payloads(marker)[case]
+    path = tmp_path / "epoch_12.pth"
+    _mmengine_file(path, marker, {"hook": payload})
+    with pytest.raises(LeanError) as e:
+        read_checkpoint(path)
+    text = one_line(e)
+    # The file already fetched getattr (for HistoryBuffer's methods), so the memo reuses it and
+    # the refusal names the class whose method the payload wants.
+    assert ("pathlib.Path" if case == "path.touch" else names[2]) in text and "refused" in text
+    assert not marker.exists()
+
+
+def test_mmengine_getattr_reaches_only_names_of_placeholder_classes(tmp_path):
+    """getattr is allowed for mmengine's HistoryBuffer methods; on anything real, for a dunder name,
+    or with a default, it is refused by name; what it gives cannot be called."""
+    marker = tmp_path / "MARKER"
+    cases = {
+        b"ccollections\nOrderedDict\nX\x08\x00\x00\x00fromkeys\x86R.": "builtins.getattr(OrderedDict, 'fromkeys')",
+        b"cmmengine.logging\nBuffer\nX\x08\x00\x00\x00__init__\x86R.": "builtins.getattr(mmengine.logging.Buffer, '__init__')",
+        b"cmmengine.logging\nBuffer\nX\x03\x00\x00\x00minN\x87R.": "builtins.getattr(mmengine.logging.Buffer, 'min')",
+        b"cos\nsystem\nX\x03\x00\x00\x00minN\x87R.": "builtins.getattr on os.system",
+    }
+    for body, expected in cases.items():
+        path = tmp_path / "evil.pkl"
+        path.write_bytes(b"\x80\x02c__builtin__\ngetattr\n" + body)
+        with pytest.raises(LeanError) as e:
+            read_checkpoint(path)
+        assert expected in one_line(e), one_line(e)
+    # getattr(placeholder, "min")(command): the member reference is a record, not a function.
+    path.write_bytes(b"\x80\x02c__builtin__\ngetattr\ncmmengine.logging\nBuffer\nX\x03\x00\x00\x00min\x86R"
+                     + f"X{len(str(marker)) + 6:c}\x00\x00\x00touch {marker}".encode() + b"\x85R.")
+    with pytest.raises(LeanError) as e:
+        read_checkpoint(path)
+    assert "not a readable" in one_line(e)
+    assert not marker.exists()
+
+
+def test_mmengine_checkpoint_with_numpy_calls_runs_none_of_them(tmp_path):
+    """numpy names are placeholders: a pickle 'calling' numpy.testing's runstring or numpy.load only
+    records the call, and the weights still come out."""
+    marker = tmp_path / "MARKER"
+    import numpy.testing._private.utils as np_utils
+
+    path = tmp_path / "epoch_12.pth"
+    _mmengine_file(path, marker, {"a": Call(np_utils.runstring, f"open({str(marker)!r}, 'w').close()", {}),
+                                  "b": Call(np.load, str(marker))})
+    ckpt = read_checkpoint(path)  # only records of the calls were made
+    assert ckpt.source == "mmdet3d" and set(ckpt.state_dict) == {"backbone.conv1.weight", "vtransform.dx"}
     assert not marker.exists()
