@@ -31,7 +31,7 @@ def floor(ckpt: str, data: str, device: str, tensorrt: str = "10") -> dict:
 
     from lean.build import build_model, resolve_config
     from lean.checkpoint import read_checkpoint
-    from lean.data import load_inputs
+    from lean.data import backbone_inputs, load_inputs
     from lean.models import BackboneGraph
     from lean.trace import qdq_translation_table
     from lean.validate import feeds, ort_session
@@ -42,20 +42,20 @@ def floor(ckpt: str, data: str, device: str, tensorrt: str = "10") -> dict:
     cfg = resolve_config(ckpt_)
     _, img, depth = load_inputs(data, cfg)
     model = build_model(ckpt_, cfg, "int8").to(device)
-    img, depth = img.to(device), depth.to(device)
+    inputs = {k: v.to(device) for k, v in backbone_inputs(img, depth).items()}
     t_load = time.perf_counter() - t0 - t_import
     times = {}
     torch.set_grad_enabled(False)  # the bare calls, but without autograd keeping activations
     t = time.perf_counter()
-    model(img, depth)
+    model(*inputs.values())
     times["forward"] = time.perf_counter() - t
     if typed:
         model.half()
-        img, depth = img.half(), depth.half()
+        inputs = {k: v.half() for k, v in inputs.items()}
     opset = 19 if typed else 18
     t = time.perf_counter()
-    program = torch.onnx.export(BackboneGraph(model), (img, depth), dynamo=True, opset_version=opset,
-                                input_names=["img", "depth"], output_names=["camera_feature", "camera_depth_weights"],
+    program = torch.onnx.export(BackboneGraph(model), tuple(inputs.values()), dynamo=True, opset_version=opset,
+                                input_names=list(inputs), output_names=["camera_feature", "camera_depth_weights"],
                                 custom_translation_table=qdq_translation_table(opset),
                                 external_data=False)
     times["torch.onnx.export"] = time.perf_counter() - t
@@ -63,7 +63,7 @@ def floor(ckpt: str, data: str, device: str, tensorrt: str = "10") -> dict:
     onnx.save(program.model_proto, str(path))
     t = time.perf_counter()
     session = ort_session(path)
-    session.run(None, feeds(session, {"img": img, "depth": depth}))
+    session.run(None, feeds(session, inputs))
     times["ort"] = time.perf_counter() - t
     path.unlink()
     return {"device": device, "tensorrt": tensorrt, "import_s": t_import, "load_build_s": t_load, "work_s": times,
@@ -82,14 +82,15 @@ def calibration(ckpt: str, data: str, device: str, method: str = "mse", batches:
 
     from lean.build import build_folded, resolve_config
     from lean.checkpoint import read_checkpoint
-    from lean.data import load_inputs
+    from lean.data import backbone_inputs, load_inputs
     from lean.quant.modelopt import calibrate, insert_quantizers
 
     batches = int(batches)
     ck = read_checkpoint(ckpt)
     cfg = resolve_config(ck)
     _, img, depth = load_inputs(data, cfg)
-    img, depth = img.to(device), depth.to(device)
+    img, depth = img.to(device), None if depth is None else depth.to(device)
+    inputs = tuple(backbone_inputs(img, depth).values())
     model = build_folded(cfg, ck.state_dict).to(device)
 
     def sync():
@@ -106,9 +107,9 @@ def calibration(ckpt: str, data: str, device: str, method: str = "mse", batches:
         return (time.perf_counter() - t) / batches
 
     with torch.no_grad():
-        plain = timed(lambda: model(img, depth))
+        plain = timed(lambda: model(*inputs))
         # For reference: the plain forward as a CUDA graph too (calibration replays one on CUDA).
-        graphed = timed(_graphed(lambda: model(img, depth))) if device == "cuda" else None
+        graphed = timed(_graphed(lambda: model(*inputs))) if device == "cuda" else None
 
     def run(n: int) -> float:
         quantized = insert_quantizers(copy.deepcopy(model), method)
@@ -150,15 +151,15 @@ def latency(onnx_dir: str, data: str, ckpt: str, runs: int = 5) -> dict:
 
     from lean.build import build_model, resolve_config
     from lean.checkpoint import read_checkpoint
-    from lean.data import load_inputs
+    from lean.data import backbone_inputs, load_inputs
     from lean.validate import TOLERANCES, compare, feeds, ort_session
 
     ck = read_checkpoint(ckpt)
     cfg = resolve_config(ck)
     _, img, depth = load_inputs(data, cfg)
+    inputs = backbone_inputs(img, depth)
     with torch.no_grad():
-        ref = build_model(ck, cfg, "fp16")(img, depth)  # the float model of the same folded weights
-    inputs = {"img": img, "depth": depth}
+        ref = build_model(ck, cfg, "fp16")(*inputs.values())  # the float model of the same folded weights
     out = {}
     import onnxruntime as ort
 

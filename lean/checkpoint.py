@@ -40,7 +40,7 @@ class Checkpoint:
 
     state_dict: dict[str, torch.Tensor]
     kind: str  # "float" (BN layers present) or "ptq" (BN folded, quantizer amax present)
-    source: str  # where it came from: lean-float, lean-ptq, official, state-dict, cuda-bevfusion-pickle
+    source: str  # the detected format: a LAYOUTS name (mit, mmdet3d, awml, ...), lean-float/-ptq, cuda-bevfusion-*
     path: Path | None = None
     config: CameraConfig | None = None  # stored config, if the file has one
     meta: dict = field(default_factory=dict)
@@ -130,16 +130,17 @@ def camera_tensors(sd: dict, name: str) -> tuple[dict[str, torch.Tensor], str]:
     tensors = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if tensors and all(k.startswith("module.") for k in tensors):  # saved from a DataParallel wrapper
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
+        sd = tensors
     for layout in LAYOUTS:
         out = {}
         for theirs, ours in layout.prefixes:
             out.update({ours + k[len(theirs):]: v for k, v in tensors.items() if k.startswith(theirs)})
         if any(k.startswith("backbone.") for k in out) and any(k.startswith("vtransform.") for k in out):
             source = layout.name
-            if source == "mmdet3d" and any(k.startswith("vtransform.dtransform.net.") for k in out):
+            if source == "mmdet3d" and any(k.startswith("vtransform.downsample.net.") for k in out):
                 source = "awml"
             return out, source
-    raise LeanError(f"{name} holds no camera branch in a known layout: top-level prefixes seen: "
+    raise LeanError(f"{name} holds no camera branch in a known layout: key prefixes of its weights: "
                     f"{_prefixes(list(sd))}; layouts known: {'; '.join(l.describe() for l in LAYOUTS)}")
 
 
@@ -182,7 +183,8 @@ def infer_config(sd: dict[str, torch.Tensor], cameras: int = 6) -> CameraConfig:
         if width != CameraConfig(**cfg).depthnet_width:
             cfg["depthnet_channels"] = width
     if cfg["vtransform"] == "awml":
-        cfg["conv_bias"] = first + "bias" in sd
+        cfg["depthnet_bias"] = first + "bias" in sd
+        cfg["dtransform_bias"] = "vtransform.dtransform.net.0.bias" in sd
     head = sd.get(last + "weight")
     if head is not None and fr is not None:
         cfg["bev_channels"] = head.shape[0] - fr.shape[0]
@@ -192,7 +194,7 @@ def infer_config(sd: dict[str, torch.Tensor], cameras: int = 6) -> CameraConfig:
 # The depthnet's first (hidden) and last conv of each view-transform variant.
 _DEPTHNET = {"depth_lss": ("vtransform.depthnet.0.", "vtransform.depthnet.6."),
              "awml": ("vtransform.depthnet.net.0.", "vtransform.depthnet.net.6."),
-             "lss": (None, "vtransform.depthnet.")}
+             "lss": (None, "vtransform.depthnet."), "awml_lss": (None, "vtransform.depthnet.")}
 
 
 def _backbone(sd) -> str:
@@ -205,11 +207,14 @@ def _backbone(sd) -> str:
 
 
 def _vtransform(sd) -> str:
-    if "vtransform.dtransform.net.0.weight" in sd:
-        return "awml"
+    if not any(k.startswith("vtransform.downsample.") for k in sd):
+        # MIT and AWML build an Identity for downsample 1; CUDA-BEVFusion's runtime expects the 2x.
+        raise LeanError("the checkpoint's view transform has no downsample (trained with downsample=1): "
+                        "CUDA-BEVFusion's camera.vtransform.onnx is the 2x BEV downsample, so this branch cannot fill it")
+    awml = any(k.startswith("vtransform.downsample.net.") for k in sd)
     if "vtransform.depthnet.weight" in sd:
-        return "lss"  # one 1x1 conv, no dtransform: MIT's camera-only LSSTransform
-    return "depth_lss"
+        return "awml_lss" if awml else "lss"  # one 1x1 conv, no dtransform: the camera-only LSSTransform
+    return "awml" if awml else "depth_lss"
 
 
 def _r(x: float) -> float:

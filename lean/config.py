@@ -22,8 +22,10 @@ BACKBONES = ("resnet50", "swint")
 # Channels of the backbone outputs the neck reads (indices 1, 2, 3).
 BACKBONE_CHANNELS = {"resnet50": (512, 1024, 2048), "swint": (192, 384, 768)}
 # View-transform variants (``lean.models.vtransform``): MIT/mmdetection3d/OpenPCDet's
-# DepthLSSTransform, MIT camera-only's LSSTransform (no depth input), tier4 AWML's DepthLSSTransform.
-VTRANSFORMS = ("depth_lss", "lss", "awml")
+# DepthLSSTransform, MIT camera-only's LSSTransform (no depth input), tier4 AWML's DepthLSSTransform
+# and LSSTransform (their modules wrapped in ``.net``).
+VTRANSFORMS = ("depth_lss", "lss", "awml", "awml_lss")
+CAMERA_ONLY = ("lss", "awml_lss")
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,9 @@ class CameraConfig:
     downsample: int = 2
     vtransform: str = "depth_lss"
     depthnet_channels: int | None = None  # hidden width of the depthnet; None: the variant's
-    conv_bias: bool = True  # AWML: whether its dtransform and depthnet hidden convs have biases
+    # AWML: whether its dtransform / depthnet hidden convs have biases (its versions differ)
+    dtransform_bias: bool = True
+    depthnet_bias: bool = True
 
     def __post_init__(self):
         self.validate()
@@ -70,7 +74,7 @@ class CameraConfig:
 
     @property
     def uses_depth(self) -> bool:  # whether the backbone file takes the lidar depth image
-        return self.vtransform != "lss"
+        return self.vtransform not in CAMERA_ONLY
 
     @property
     def variant(self) -> str:

@@ -32,12 +32,18 @@ def backbone_spec(uses_depth: bool) -> GraphSpec:
 
 
 def shape_problems(file: str, shapes: dict[str, list]) -> list[str]:
-    """What breaks the contract's shapes of ``file`` (names -> static shapes), [] if nothing.
+    """What breaks the contract's shapes of ``file`` (names -> static shapes of its inputs and
+    outputs), [] if nothing.
 
-    A backbone file without a ``depth`` input is held to the camera-only contract."""
+    A backbone file whose only input is ``img`` is held to the camera-only contract; any other
+    input set must be exactly ``img`` and ``depth``."""
     spec = SPECS[file]
-    if spec is BACKBONE and "depth" not in shapes:
-        spec = BACKBONE_CAMERA_ONLY
+    if spec is BACKBONE:
+        names = [n for n in shapes if n not in spec.outputs]
+        if names == ["img"]:
+            spec = BACKBONE_CAMERA_ONLY
+        elif sorted(names) != ["depth", "img"] and "img" in names:
+            return [f"inputs are {', '.join(names)}: the runtime binds img and depth (or img alone, camera-only)"]
     missing = [n for n in (*spec.inputs, *spec.outputs) if n not in shapes]
     if missing:
         return [f"no tensor named {', '.join(missing)}"]

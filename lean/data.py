@@ -136,14 +136,13 @@ def _read_image(path: Path) -> Image.Image:
 def load_example(folder, image_size=DEFAULT_IMAGE_SIZE, cameras: int | None = None, need_points: bool = True) -> Sample:
     """Read and preprocess an example-data folder; ``cameras`` defaults to all the matrices hold.
 
-    ``need_points=False``: the lidar points are optional (camera-only branches); without the file the
-    sample holds none."""
+    ``need_points=False``: the lidar points are not read (camera-only branches); the sample holds none."""
     folder = Path(folder)
     if not folder.is_dir():
         raise LeanError(f"{folder}: no such folder; pass CUDA-BEVFusion's example-data folder "
                         "or create one with python example-data/generate.py")
     matrices = _read_matrices(folder)
-    points = _read_points(folder) if need_points or (folder / POINTS_FILE).exists() else np.zeros((0, 5), np.float32)
+    points = _read_points(folder) if need_points else np.zeros((0, 5), np.float32)
     available = next(iter(matrices.values())).shape[1]
     n = available if cameras is None else cameras
     if not 1 <= n <= available:

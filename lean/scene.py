@@ -265,7 +265,7 @@ def make_demo_model(cfg: CameraConfig, sample, seed: int = DEMO_SEED) -> nn.Modu
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average: after one batch, running stats = that batch's
-    depth = depth_image(sample.points, sample.lidar2image, sample.img_aug_matrix, cfg.image_size)
+    depth = depth_image(sample.points, sample.lidar2image, sample.img_aug_matrix, cfg.image_size) if cfg.uses_depth else None
     model.train()
     feature, weights = model(sample.img, depth)
     model.bev_downsample(pool_to_bev(feature, weights, sample, model))

@@ -296,7 +296,7 @@ class Unpickler(pickle.Unpickler):
         if _placeholder_allowed(module, name):
             return self.records.placeholder(module, name)
         # Protocol 2 reaches a method as getattr(class, name): name the getattr the pickle set up.
-        raise Refused(f"builtins.getattr on {module}.{name}" if after_getattr else f"{module}.{name}")
+        raise Refused(f"{module}.{name} (fetched for builtins.getattr)" if after_getattr else f"{module}.{name}")
 
     def persistent_load(self, pid):
         if not isinstance(pid, tuple) or not pid:

@@ -87,7 +87,7 @@ def test_no_camera_keys(tmp_path):
     with pytest.raises(LeanError) as e:
         read_checkpoint(path)
     text = one_line(e)
-    assert "no camera branch in a known layout" in text and "prefixes seen: encoders.lidar." in text
+    assert "no camera branch in a known layout" in text and "key prefixes of its weights: encoders.lidar." in text
     for known in ("encoders.camera.backbone.*", "img_backbone.*", "image_backbone.*", "backbone.*"):
         assert known in text
 
@@ -118,8 +118,13 @@ WILD = {  # name: (saver, builder kwargs, expected source_format, expected varia
     "mmdet3d": ("mmdet3d", dict(backbone="swint"), "mmdet3d", "swint+generalized_lss_fpn+depth_lss"),
     "openpcdet": ("openpcdet", dict(backbone="swint"), "openpcdet", "swint+generalized_lss_fpn+depth_lss"),
     "awml": ("awml", dict(backbone="resnet50", vtransform="awml"), "awml", "resnet50+generalized_lss_fpn+awml"),
-    "awml-no-bias": ("awml", dict(backbone="resnet50", vtransform="awml", bias=False), "awml",
-                     "resnet50+generalized_lss_fpn+awml"),
+    "awml-no-bias": ("awml", dict(backbone="resnet50", vtransform="awml", depthnet_bias=False, dtransform_bias=False),
+                     "awml", "resnet50+generalized_lss_fpn+awml"),
+    "awml-mixed-bias": ("awml", dict(backbone="resnet50", vtransform="awml", depthnet_bias=False), "awml",
+                        "resnet50+generalized_lss_fpn+awml"),
+    "awml-camera-only": ("awml", dict(backbone="swint", vtransform="awml_lss"), "awml",
+                         "swint+generalized_lss_fpn+awml_lss"),
+    "mit-det": ("mit", dict(backbone="resnet50"), "mit", "resnet50+generalized_lss_fpn+depth_lss"),
 }
 WILD_GRID = (-51.2, 51.2, 0.8)
 
@@ -144,7 +149,7 @@ def test_trainer_checkpoints_are_detected_and_compute_what_the_trainer_computes(
     cfg = resolve_config(ckpt, cameras=SMALL.cameras)
     assert (ckpt.source, ckpt.kind, cfg.variant) == (source, "float", variant)
     assert (cfg.image_size, cfg.xbound, cfg.bev_grid) == (SMALL.image_size, WILD_GRID, (128, 128, 1))
-    assert cfg.conv_bias == kw.get("bias", True)
+    assert (cfg.depthnet_bias, cfg.dtransform_bias) == (kw.get("depthnet_bias", True), kw.get("dtransform_bias", True))
     assert not any(k.split(".")[0] not in ("backbone", "neck", "vtransform") for k in ckpt.state_dict)
     ours = build_model(ckpt, cfg, "fp16")  # strict load: every key and shape of theirs has its place
     with torch.no_grad():
@@ -152,6 +157,11 @@ def test_trainer_checkpoints_are_detected_and_compute_what_the_trainer_computes(
         their_weights, their_feature = theirs(img, depth)
     for a, b in ((feature.permute(0, 3, 1, 2), their_feature), (weights, their_weights)):
         assert torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), 0) > 0.999999
+
+
+def test_non_default_depthnet_width_is_read_from_the_keys():
+    cfg = SMALL.replace(depthnet_channels=128)
+    assert infer_config(build_camera(cfg).state_dict(), cameras=2) == cfg
 
 
 def test_data_parallel_prefix_and_older_mmdet3d_names(tmp_path, model):
@@ -175,4 +185,21 @@ def test_mmengine_extras_are_never_read_as_weights(tmp_path, model):
     with pytest.raises(Exception, match="Weights only load failed"):
         torch.load(tmp_path / "epoch_12.pth", weights_only=True)  # why the restricted reader is needed
     ckpt = read_checkpoint(tmp_path / "epoch_12.pth")
-    assert ckpt.source == "mmdet3d" and all(torch.equal(v, model.state_dict()[k]) for k, v in ckpt.state_dict.items())
+    assert ckpt.source == "mmdet3d" and set(ckpt.state_dict) == set(model.state_dict())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in ckpt.state_dict.items())
+
+
+def test_layouts_that_cannot_be_built_say_why(tmp_path, model):
+    sd = model.state_dict()
+    resnet18 = {k: v for k, v in sd.items() if ".conv3." not in k and ".bn3." not in k}
+    no_downsample = {k: v for k, v in sd.items() if not k.startswith("vtransform.downsample.")}
+    for bad, words in ((resnet18, "ResNet of basic blocks"), (no_downsample, "downsample=1")):
+        torch.save({"state_dict": {"encoders.camera." + k: v for k, v in bad.items()}}, tmp_path / "x.pth")
+        with pytest.raises(LeanError) as e:
+            infer_config(read_checkpoint(tmp_path / "x.pth").state_dict)
+        assert words in one_line(e)
+    many = {f"part{i}.x": torch.zeros(1) for i in range(12)}
+    torch.save({"module." + k: v for k, v in many.items()}, tmp_path / "x.pth")
+    with pytest.raises(LeanError) as e:
+        read_checkpoint(tmp_path / "x.pth")
+    assert "weights: part0., part1." in one_line(e) and "(+4 more)" in one_line(e)

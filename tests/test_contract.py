@@ -9,6 +9,9 @@ def test_backbone_shapes():
     assert shape_problems(BACKBONE_FILE, {**GOOD, "camera_feature": [6, 80, 32, 88]})  # NCHW, not NHWC
     assert shape_problems(BACKBONE_FILE, {**GOOD, "depth": [1, 6, 3, 256, 704]})
     assert "no tensor named img" in shape_problems(BACKBONE_FILE, {k: v for k, v in GOOD.items() if k != "img"})[0]
+    renamed = {("dpth" if k == "depth" else k): v for k, v in GOOD.items()}
+    assert "inputs are img, dpth" in shape_problems(BACKBONE_FILE, renamed)[0]
+    assert "inputs are img, depth, extra" in shape_problems(BACKBONE_FILE, {**GOOD, "extra": [1]})[0]
 
 
 def test_camera_only_backbone_has_no_depth_input():

@@ -283,11 +283,12 @@ def test_official_float_checkpoint_exports_fp16_to_both_targets(tmp_path, small_
 
 
 # -- checkpoints in the wild: the exports compute what each trainer's own modules compute ---------
-WILD = {  # case: (saver, builder kwargs); tests/trainers.py builds and saves each as its trainer does
-    "mit-camera-only": ("mit", dict(backbone="swint", vtransform="lss")),
-    "mmdet3d": ("mmdet3d", dict(backbone="swint")),
-    "openpcdet": ("openpcdet", dict(backbone="swint")),
-    "awml": ("awml", dict(backbone="resnet50", vtransform="awml", bias=False)),
+WILD = {  # case: (saver, builder kwargs, variant); tests/trainers.py builds and saves each as its trainer does
+    "mit-camera-only": ("mit", dict(backbone="swint", vtransform="lss"), "swint+generalized_lss_fpn+lss"),
+    "mmdet3d": ("mmdet3d", dict(backbone="swint"), "swint+generalized_lss_fpn+depth_lss"),
+    "openpcdet": ("openpcdet", dict(backbone="swint"), "swint+generalized_lss_fpn+depth_lss"),
+    "awml": ("awml", dict(backbone="resnet50", vtransform="awml", depthnet_bias=False),
+             "resnet50+generalized_lss_fpn+awml"),
 }
 
 
@@ -302,7 +303,7 @@ def wild(tmp_path_factory, example_dir):
 
     _, img, depth = load_inputs(example_dir, SMALL)
     out = {}
-    for case, (saver, kw) in WILD.items():
+    for case, (saver, kw, _) in WILD.items():
         folder = tmp_path_factory.mktemp(case)
         theirs = make_trainer_camera(img, depth, xbound=(-51.2, 51.2, 0.8), **kw)
         SAVERS[saver](theirs, folder / "ckpt.pth")
@@ -329,7 +330,8 @@ def test_wild_checkpoint_fp16_export_matches_the_trainers_forward(tmp_path, wild
 
     theirs, ckpt, _ = wild[case]
     report = export(ckpt, tmp_path, example_dir, fp16=True, tensorrt=tensorrt)
-    assert report.facts["checkpoint"]["source_format"] == case.split("-")[0]
+    assert (report.facts["checkpoint"]["source_format"], report.facts["checkpoint"]["variant"]) == (
+        case.split("-")[0], WILD[case][2])
     uses_depth = WILD[case][1].get("vtransform") != "lss"
     assert ("depth" in onnx_io(tmp_path / BACKBONE_FILE)) == uses_depth
     g = torch.Generator().manual_seed(7)
@@ -360,4 +362,4 @@ def test_wild_checkpoint_int8_export_after_ptq(tmp_path, wild, example_dir, case
     assert backbone.qdq_pairs > 50 and report.facts["bev_check"]["ok"]
     macs = backbone.lint["macs"]
     assert backbone.lint["verdict"] != "error" and macs.get("INT8", 0) / sum(macs.values()) > 0.9
-    assert report.facts["checkpoint"]["variant"] == read_checkpoint(ptq).config.variant
+    assert report.facts["checkpoint"]["variant"] == WILD[case][2]

@@ -323,10 +323,10 @@ class _Net(nn.Module):
 class AWMLDepthLSSTransform(BaseTransform):
     """AWML's DepthLSSTransform after its PR #149: LidarDepthImageNet, DepthLSSNet, DownSampleNet."""
 
-    def __init__(self, in_channels=256, bias=True, **kw):
+    def __init__(self, in_channels=256, dtransform_bias=True, depthnet_bias=True, **kw):
         super().__init__(**kw)
-        cin = in_channels + 64
-        self.dtransform = _Net(_lidar_depth_net(bias))
+        cin, bias = in_channels + 64, depthnet_bias
+        self.dtransform = _Net(_lidar_depth_net(dtransform_bias))
         self.depthnet = _Net([nn.Conv2d(cin, cin, 3, padding=1, bias=bias), nn.BatchNorm2d(cin), nn.ReLU(True),
                               nn.Conv2d(cin, cin, 3, padding=1, bias=bias), nn.BatchNorm2d(cin), nn.ReLU(True),
                               nn.Conv2d(cin, self.D + self.C, 1)])
@@ -336,7 +336,20 @@ class AWMLDepthLSSTransform(BaseTransform):
         return self.split(self.depthnet(torch.cat([self.dtransform(d), x], dim=1)))
 
 
-VIEW_TRANSFORMS = {"depth_lss": DepthLSSTransform, "lss": LSSTransform, "awml": AWMLDepthLSSTransform}
+class AWMLLSSTransform(BaseTransform):
+    """AWML's camera-only LSSTransform: a plain depthnet conv, DownSampleNet."""
+
+    def __init__(self, in_channels=256, **kw):
+        super().__init__(**kw)
+        self.depthnet = nn.Conv2d(in_channels, self.D + self.C, 1)
+        self.downsample = _Net(_bev_downsample(self.C))
+
+    def get_cam_feats(self, x, d=None):
+        return self.split(self.depthnet(x))
+
+
+VIEW_TRANSFORMS = {"depth_lss": DepthLSSTransform, "lss": LSSTransform, "awml": AWMLDepthLSSTransform,
+                   "awml_lss": AWMLLSSTransform}
 
 
 class TrainerCamera(nn.Module):
@@ -432,11 +445,12 @@ def mmengine_installed():
     saved = {n: sys.modules.get(n) for n in names}
     mods = {n: types.ModuleType(n) for n in names}
     mods[names[-1]].HistoryBuffer = HistoryBuffer
-    HistoryBuffer.__module__ = names[-1]
+    module, HistoryBuffer.__module__ = HistoryBuffer.__module__, names[-1]
     sys.modules.update(mods)
     try:
         yield
     finally:
+        HistoryBuffer.__module__ = module
         for n, m in saved.items():
             if m is None:
                 sys.modules.pop(n, None)

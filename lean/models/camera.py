@@ -14,7 +14,8 @@ from lean.models.swin import swint
 from lean.models.vtransform import AWMLDepthLSSTransform, DepthLSSTransform, LSSTransform
 
 BACKBONE_BUILDERS = {"resnet50": resnet50, "swint": swint}
-VTRANSFORM_BUILDERS = {"depth_lss": DepthLSSTransform, "lss": LSSTransform, "awml": AWMLDepthLSSTransform}
+VTRANSFORM_BUILDERS = {"depth_lss": DepthLSSTransform, "lss": LSSTransform, "awml": AWMLDepthLSSTransform,
+                       "awml_lss": LSSTransform}
 
 
 def build_backbone(cfg: CameraConfig) -> nn.Module:

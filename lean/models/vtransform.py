@@ -8,7 +8,8 @@ The two halves the exporter needs live here: per-camera depth distribution and f
   concatenated before the image feature -> three-conv ``depthnet``;
 - ``LSSTransform`` (MIT camera-only): no depth input, ``depthnet`` is one 1x1 conv;
 - ``AWMLDepthLSSTransform`` (tier4 AWML): the same computation as DepthLSSTransform with its
-  own widths and its convs wrapped in ``.net`` Sequentials.
+  own widths and its convs wrapped in ``.net`` Sequentials; AWML's LSSTransform is
+  ``LSSTransform`` with its downsample wrapped the same way.
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ def _dtransform(widths: tuple[int, int, int], bias: bool) -> nn.Sequential:
     a, b, c = widths
     return nn.Sequential(*_conv_bn_relu(1, a, 1, bias=bias), *_conv_bn_relu(a, b, 5, stride=4, bias=bias),
                          *_conv_bn_relu(b, c, 5, stride=2, bias=bias))
+
+
+class _Net(nn.Module):
+    """AWML wraps each of its view transform's Sequentials in a module holding it as ``net``."""
+
+    def __init__(self, *layers: nn.Module):
+        super().__init__()
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
 class BaseTransform(nn.Module):
@@ -84,41 +96,30 @@ class DepthLSSTransform(BaseTransform):
 
 
 class LSSTransform(BaseTransform):
-    """MIT's camera-only transform: depth and features from the image feature alone."""
+    """MIT's (and AWML's) camera-only transform: depth and features from the image feature alone."""
 
     uses_depth = False
 
     def __init__(self, cfg: CameraConfig):
         super().__init__(cfg)
         self.depthnet = nn.Conv2d(cfg.neck_channels, self.D + self.C, 1)
-        self.downsample = _downsample(self.C, cfg.downsample)
+        downsample = _downsample(self.C, cfg.downsample)
+        self.downsample = _Net(*downsample) if cfg.vtransform == "awml_lss" else downsample
 
     def forward(self, feat: torch.Tensor, depth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.split(self.depthnet(feat))
-
-
-class _Net(nn.Module):
-    """AWML wraps each of its view transform's Sequentials in a module holding it as ``net``."""
-
-    def __init__(self, *layers: nn.Module):
-        super().__init__()
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 class AWMLDepthLSSTransform(BaseTransform):
     """tier4 AWML's DepthLSSTransform (since its PR #149): ``LidarDepthImageNet``, ``DepthLSSNet``
     and ``DownSampleNet``, each holding its layers as ``.net``. The depthnet keeps the width of
     its input (neck + 64 channels: 320 -> 320 -> 320 -> D+C); some versions drop the biases of
-    the dtransform and depthnet hidden convs (``cfg.conv_bias``)."""
+    the dtransform and depthnet hidden convs (``cfg.dtransform_bias``, ``cfg.depthnet_bias``)."""
 
     def __init__(self, cfg: CameraConfig):
         super().__init__(cfg)
-        bias = cfg.conv_bias
-        self.dtransform = _Net(*_dtransform((8, 32, 64), bias=bias))
-        width = cfg.depthnet_width
+        self.dtransform = _Net(*_dtransform((8, 32, 64), bias=cfg.dtransform_bias))
+        width, bias = cfg.depthnet_width, cfg.depthnet_bias
         self.depthnet = _Net(
             *_conv_bn_relu(cfg.neck_channels + 64, width, 3, bias=bias),
             *_conv_bn_relu(width, width, 3, bias=bias),
