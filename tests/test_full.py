@@ -1,4 +1,4 @@
-"""Full-size runs (6 cameras, 256x704, ResNet50): one of each main path, as a user runs them."""
+"""Full-size runs (6 cameras, 256x704, ResNet50; MIT camera-only SwinT): one of each main path, as a user runs them."""
 
 import json
 
@@ -71,3 +71,35 @@ def test_384x1056_full_size(tmp_path, checkpoints, example_dir):
                                 image_size=(384, 1056), rebuild_frustum=True, check_bev=False))
     s = onnx_io(tmp_path / BACKBONE_FILE)
     assert s["img"] == [1, 6, 3, 384, 1056] and s["camera_feature"] == [6, 48, 132, 80]
+
+
+def test_mit_camera_only_full_size(tmp_path, example_dir):
+    """MIT's camera-only-det layout at its own size (SwinT, LSSTransform, 256x256 BEV grid), built
+    and saved by tests/trainers.py: the CLI detects it, exports `img` only, and the typed FP16 graph
+    computes what the trainer's modules compute."""
+    import numpy as np
+    import torch
+
+    from lean.config import CameraConfig
+    from lean.data import load_inputs
+    from lean.validate import feeds, ort_session
+
+    from trainers import make_trainer_camera, save_mit
+
+    _, img, _ = load_inputs(example_dir, CameraConfig(vtransform="lss"))
+    theirs = make_trainer_camera(img, None, backbone="swint", vtransform="lss", image_size=(256, 704),
+                                 xbound=(-51.2, 51.2, 0.4))
+    save_mit(theirs, tmp_path / "camera-only-det.pth")
+    out = tmp_path / "onnx"
+    r = run("export_camera.py", "--ckpt", tmp_path / "camera-only-det.pth", "--fp16", "--out", out, "--data", example_dir)
+    assert "mit format, swint+generalized_lss_fpn+lss" in r.stdout
+    assert onnx_io(out / BACKBONE_FILE) == {"img": [1, 6, 3, 256, 704], "camera_feature": [6, 32, 88, 80],
+                                            "camera_depth_weights": [6, 118, 32, 88]}
+    assert onnx_io(out / VTRANSFORM_FILE) == {"feat_in": [1, 80, 256, 256], "feat_out": [1, 80, 128, 128]}
+    session = ort_session(out / BACKBONE_FILE)
+    feature, weights = session.run(None, feeds(session, {"img": img}))
+    with torch.no_grad():
+        their_weights, their_feature = theirs(img)
+    for a, b in ((feature.transpose(0, 3, 1, 2), their_feature), (weights, their_weights)):
+        a, b = np.asarray(a, np.float64).ravel(), b.double().numpy().ravel()
+        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) >= 0.999
