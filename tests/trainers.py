@@ -336,16 +336,12 @@ class AWMLDepthLSSTransform(BaseTransform):
         return self.split(self.depthnet(torch.cat([self.dtransform(d), x], dim=1)))
 
 
-class AWMLLSSTransform(BaseTransform):
-    """AWML's camera-only LSSTransform: a plain depthnet conv, DownSampleNet."""
+class AWMLLSSTransform(LSSTransform):
+    """AWML's camera-only LSSTransform: MIT's, with its downsample in a DownSampleNet."""
 
-    def __init__(self, in_channels=256, **kw):
+    def __init__(self, **kw):
         super().__init__(**kw)
-        self.depthnet = nn.Conv2d(in_channels, self.D + self.C, 1)
-        self.downsample = _Net(_bev_downsample(self.C))
-
-    def get_cam_feats(self, x, d=None):
-        return self.split(self.depthnet(x))
+        self.downsample = _Net(list(self.downsample))
 
 
 VIEW_TRANSFORMS = {"depth_lss": DepthLSSTransform, "lss": LSSTransform, "awml": AWMLDepthLSSTransform,
