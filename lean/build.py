@@ -7,6 +7,7 @@ INT8 scales must see them. ``build_model`` is the one entry for the export; PTQ 
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
@@ -57,7 +58,22 @@ def resolve_config(ckpt: Checkpoint, backbone=None, image_size=None, cameras=Non
                 f"not {want}: pass --rebuild-frustum to derive it for the new rig (it is derived data)"
             )
         changes[key] = tuple(value)
-    return stored.replace(**changes)
+    cfg = stored.replace(**changes)
+    check_memory(cfg)
+    return cfg
+
+
+def check_memory(cfg: CameraConfig) -> None:
+    """Refuse, before allocating anything, a rig whose export would not fit in this machine's memory."""
+    need = cfg.estimate_bytes()
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return  # no way to tell on this platform
+    if need > have:
+        raise LeanError(f"{cfg.cameras} cameras of {'x'.join(map(str, cfg.image_size))} with a "
+                        f"{'x'.join(map(str, cfg.bev_grid[:2]))} BEV grid need about {need / 2**30:.0f} GiB to export, "
+                        f"more than this machine's {have / 2**30:.0f} GiB: check --image-size, --cameras and the bounds")
 
 
 def _fmt(key: str, value) -> str:

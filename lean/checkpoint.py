@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,22 +58,82 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not path.exists():
         raise LeanError(f"checkpoint {path} does not exist: check the path, or run `make model` for the demo ones")
     if not path.is_file():
-        raise LeanError(f"checkpoint {path} is not a file: pass the .pth file itself")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Not a plain state dict: a whole pickled model (CUDA-BEVFusion's bevfusion_ptq.pth) or
-        # something hostile. The restricted reader takes the first and refuses the second by name.
+        raise LeanError(f"checkpoint {path} is not a regular file: pass the .pth file itself")
+    if zipfile.is_zipfile(path):
+        check_archive(path)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # Not a plain state dict: a whole pickled model (CUDA-BEVFusion's bevfusion_ptq.pth), an
+            # mmengine file, or something hostile. The restricted reader takes the first two and
+            # refuses the last by name.
+            obj = read_pickled_model(path, CONTAINERS)
+        except Exception as e:  # noqa: BLE001 - torch.load raises anything from IndexError to EOFError on junk
+            raise LeanError(f"{path} is not a PyTorch checkpoint or is truncated ({first_line(e)})") from None
+    else:
+        # torch's pre-1.6 format (OpenPCDet still writes it) or a bare pickle: torch.load would
+        # allocate each storage at the size the file declares before reading it; the restricted
+        # reader bounds every storage by the bytes the file really has.
         obj = read_pickled_model(path, CONTAINERS)
-    except Exception as e:  # noqa: BLE001 - torch.load raises anything from IndexError to EOFError on junk
-        raise LeanError(f"{path} is not a PyTorch checkpoint or is truncated ({first_line(e)})") from None
     if isinstance(obj, PickledModel):
         meta = {"legacy": {"quantizers": obj.quantizers, "shared": obj.shared}}
         ckpt = map_legacy_state_dict(obj.tensors, source="cuda-bevfusion-pickle", disabled=obj.disabled, meta=meta)
     else:
         ckpt = checkpoint_from_object(obj, str(path))
+    check_tensors(ckpt.state_dict, str(path))
     ckpt.path = path
     return ckpt
+
+
+def check_archive(path: Path) -> None:
+    """A torch.save zip before anything is allocated from it: every member stored uncompressed
+    (torch never compresses, so nothing can inflate past the file's size) and intact (CRC)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise LeanError(f"{path}: archive member {info.filename} is compressed, which torch.save never "
+                                    "does: the file was altered; re-save it with torch.save")
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise LeanError(f"{path} is a damaged zip archive ({first_line(e)}): copy or download it again") from None
+    if bad is not None:
+        raise LeanError(f"{path}: archive member {bad} fails its CRC check: the file is damaged; copy it again")
+
+
+def check_tensors(sd: dict[str, torch.Tensor], name: str) -> None:
+    """Every camera tensor, before any use: no view larger than its storage (a stride-0 tensor
+    declaring 10^10 elements over one would become that many on the first copy), finite floats."""
+    for key, t in sd.items():
+        if t.numel() * t.element_size() > t.untyped_storage().nbytes():
+            raise LeanError(f"{name}: tensor {key} declares {list(t.shape)} over a storage of "
+                            f"{t.untyped_storage().nbytes()} bytes: the file is damaged or hostile")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise LeanError(f"{name}: tensor {key} holds NaN or infinite values: the training diverged or the file "
+                            "is damaged; use another checkpoint")
+
+
+def _own_format(obj: dict, name: str) -> Checkpoint:
+    """The project's own file, its structure checked before use."""
+    version, kind = obj.get("format_version", 0), obj.get("kind", "float")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise LeanError(f"{name} was written by a newer lean (format {version!r}): upgrade lean")
+    sd, config, meta = obj.get("state_dict"), obj.get("config"), obj.get("meta", {})
+    for what, value in (("state_dict", sd), ("config", config), ("meta", meta)):
+        if not isinstance(value, dict):
+            raise LeanError(f"{name}: its '{what}' is a {type(value).__name__}, not a dict: the file is damaged; "
+                            "re-create it with lean.demo or lean.ptq")
+    if kind not in ("float", "ptq"):
+        raise LeanError(f"{name}: unknown kind {kind!r} (float or ptq): the file is damaged")
+    try:
+        cfg = CameraConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise LeanError(f"{name}: its config is malformed ({first_line(e)}): re-create the file") from None
+    sd = camera_tensors(sd, name)[0]
+    if kind == "ptq" and not any(k.endswith("._amax") for k in sd):
+        raise LeanError(f"{name} says it is a PTQ checkpoint but holds no quantizer amax: re-run PTQ "
+                        "(`python -m lean.ptq`)")
+    return Checkpoint(sd, kind, f"lean-{kind}", config=cfg, meta=meta)
 
 
 @dataclass(frozen=True)
@@ -108,11 +169,7 @@ def checkpoint_from_object(obj, name: str) -> Checkpoint:
     if not isinstance(obj, dict):
         raise LeanError(f"{name} holds a {type(obj).__name__}, not a checkpoint dict: pass a state-dict checkpoint")
     if obj.get("format") == FORMAT:
-        if obj.get("format_version", 0) > FORMAT_VERSION:
-            raise LeanError(f"{name} was written by a newer lean (format {obj['format_version']}): upgrade lean")
-        sd = camera_tensors(obj["state_dict"], name)[0]
-        kind = obj.get("kind", "float")
-        return Checkpoint(sd, kind, f"lean-{kind}", config=CameraConfig.from_dict(obj["config"]), meta=obj.get("meta", {}))
+        return _own_format(obj, name)
     container = next((k for k in CONTAINERS if isinstance(obj.get(k), dict)), None)
     sd, source = camera_tensors(obj[container] if container else obj, name)
     if any(k.endswith("_amax") for k in sd):
@@ -164,8 +221,9 @@ def infer_config(sd: dict[str, torch.Tensor], cameras: int = 6) -> CameraConfig:
     and H-1 of the training image, and its depth axis is the dbound. dx/bx/nx give the BEV bounds.
     """
     cfg = {"backbone": _backbone(sd), "cameras": cameras, "vtransform": _vtransform(sd)}
+    _check_geometry(sd)
     fr = sd.get("vtransform.frustum")
-    if fr is not None and fr.dim() == 4 and fr.shape[-1] == 3 and fr.shape[0] > 1:
+    if fr is not None and fr.shape[0] > 1:
         cfg["image_size"] = (round(fr[0, -1, 0, 1].item()) + 1, round(fr[0, 0, -1, 0].item()) + 1)
         lo, step = fr[0, 0, 0, 2].item(), fr[1, 0, 0, 2].item() - fr[0, 0, 0, 2].item()
         cfg["dbound"] = (_r(lo), _r(lo + fr.shape[0] * step), _r(step))
@@ -189,6 +247,15 @@ def infer_config(sd: dict[str, torch.Tensor], cameras: int = 6) -> CameraConfig:
     if head is not None and fr is not None:
         cfg["bev_channels"] = head.shape[0] - fr.shape[0]
     return CameraConfig(**cfg)
+
+
+def _check_geometry(sd) -> None:
+    for key, shape in (("dx", "[3]"), ("bx", "[3]"), ("nx", "[3]"), ("frustum", "[D, fH, fW, 3]")):
+        t = sd.get(f"vtransform.{key}")
+        ok = t is None or (t.shape == (3,) if key != "frustum" else t.dim() == 4 and t.shape[-1] == 3 and t.numel() > 0)
+        if not ok:
+            raise LeanError(f"checkpoint's vtransform.{key} has shape {list(t.shape)}, expected {shape}: the file is "
+                            "damaged or not a BEVFusion camera branch")
 
 
 # The depthnet's first (hidden) and last conv of each view-transform variant.
@@ -263,15 +330,24 @@ def save_checkpoint(path, state_dict: dict, kind: str, config: CameraConfig, met
         "state_dict": {PREFIX + k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
         "meta": meta or {},
     }
+    _save(obj, path)
+
+
+def _save(obj: dict, path) -> None:
+    """torch.save through an open file, atomically: the archive's record names never carry the
+    temporary file's name (torch names them after the file), so two saves are byte-identical."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError
+            raise LeanError(f"cannot write {path}: {first_line(e)}; free space or choose another --out") from None
 
 
 def save_official(path, state_dict: dict, meta: dict | None = None) -> None:
     """A float checkpoint in the official training layout (``state_dict`` with full key names)."""
     obj = {"state_dict": {PREFIX + k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, "meta": meta or {}}
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    _save(obj, path)
 
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import traceback
 import warnings
@@ -26,8 +27,15 @@ from lean.errors import LeanError
 from lean.log import logger
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line with a hint (exit 2), not argparse's usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def new_parser(doc: str | None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--verbose", action="store_true", help="show tracebacks and third-party library warnings")
     return p
 
@@ -96,11 +104,25 @@ def _log_to_stderr():
         logger.level, logger.propagate = saved
 
 
+def one_line(text: str) -> str:
+    """``text`` as one printable line: newlines, terminal escapes and other control characters
+    (which could forge a second ``error:`` line or hide text) are shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM cleans up exactly as Ctrl-C does
+
+
 def run(main, parser: argparse.ArgumentParser, argv=None) -> int:
     """Call ``main(args)``; a LeanError (or a bad path the OS refused) becomes one line and exit 2."""
     args = parser.parse_args(argv)
-    with _log_to_stderr():
-        return _run(main, args)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with _log_to_stderr():
+            return _run(main, args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(main, args) -> int:
@@ -120,6 +142,6 @@ def _run(main, args) -> int:
             print("error: internal error (a bug): please report it with the traceback above", file=sys.stderr)
             return 1
         msg = str(e) if isinstance(e, LeanError) else f"{e.strerror or e} {e.filename or ''}".strip()
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {one_line(msg)}", file=sys.stderr)
         return 2
     return code if isinstance(code, int) else 0  # a main may return its own exit code (the lint: 1 on errors)

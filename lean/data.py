@@ -17,12 +17,17 @@ from PIL import Image, UnidentifiedImageError
 from lean.config import CameraConfig
 from lean.errors import LeanError
 from lean.geometry import depth_image
-from lean.io import write_bytes
+from lean.io import read_regular, write_bytes
 from lean.tensorfile import read_tensor, write_tensor
 
 CAMERA_NAMES = ("FRONT", "FRONT_RIGHT", "FRONT_LEFT", "BACK", "BACK_LEFT", "BACK_RIGHT")
 MATRIX_FILES = ("camera2lidar", "camera_intrinsics", "lidar2image", "img_aug_matrix")
 POINTS_FILE = "points.tensor"
+# Budgets for what a data folder may hold (a nuScenes frame: 1600x900 JPEGs of ~0.3 MB, about
+# 35 000 points per sweep): far above real data, far below what would exhaust memory.
+MAX_IMAGE_BYTES = 64 << 20
+MAX_IMAGE_PIXELS = 64_000_000
+MAX_POINTS = 20_000_000
 DEFAULT_IMAGE_SIZE = (256, 704)
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -93,6 +98,8 @@ def _read_matrices(folder: Path) -> dict[str, np.ndarray]:
                             "rewrite it with one 4x4 matrix per camera")
         if not np.issubdtype(m.dtype, np.floating):
             raise LeanError(f"{path}: dtype {m.dtype}, expected float32; rewrite it as float32")
+        if not np.isfinite(m).all():
+            raise LeanError(f"{path}: holds NaN or infinite values; rewrite it with the rig's calibration")
         matrices[name] = m.astype(np.float32)
     counts = {name: m.shape[1] for name, m in matrices.items()}
     if len(set(counts.values())) > 1:
@@ -110,7 +117,12 @@ def _read_points(folder: Path) -> np.ndarray:
                         "ring/time); rewrite it with five columns per point")
     if not np.issubdtype(points.dtype, np.floating):
         raise LeanError(f"{path}: dtype {points.dtype}, expected float16; rewrite it as float16")
-    return points[:, :5].astype(np.float32)
+    if len(points) > MAX_POINTS:
+        raise LeanError(f"{path}: {len(points)} points, more than {MAX_POINTS}; pass one frame's points")
+    points = points[:, :5].astype(np.float32)
+    if not np.isfinite(points[:, :3]).all():
+        raise LeanError(f"{path}: some point coordinates are NaN or infinite; rewrite the file with finite points")
+    return points
 
 
 def _find_image(folder: Path, index: int) -> Path:
@@ -125,10 +137,17 @@ def _find_image(folder: Path, index: int) -> Path:
 
 
 def _read_image(path: Path) -> Image.Image:
+    data = read_regular(path, MAX_IMAGE_BYTES, "JPEG image")
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size  # from the header: refuse before decoding a pixel
+            if w * h > MAX_IMAGE_PIXELS:
+                raise LeanError(f"{path}: the image claims {w}x{h} pixels, more than {MAX_IMAGE_PIXELS}; "
+                                "replace it with the camera's image (nuScenes: 1600x900)")
             return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+    except LeanError:
+        raise
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LeanError(f"{path}: cannot decode the image ({reason}); replace it with a valid JPEG") from None
 

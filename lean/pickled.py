@@ -10,6 +10,7 @@ What comes back is plain data; ``lean.checkpoint`` renames it to our keys.
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import struct
 import zipfile
@@ -24,6 +25,10 @@ from lean.unpickle import Placeholder, Records, Refused, TensorRef, Unpickler
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.save's pre-1.6 (non-zip) format starts with it
 LEGACY_PROTOCOL = 1001
 MAX_DEPTH = 64  # module nesting; real models are about 10 deep
+# Module names the walk may produce. Shared modules appear under each of their names (as in a state
+# dict), so a file whose modules share children level after level would name 2^depth paths; the
+# camera branch of a real model has a few thousand.
+MAX_VISITS = 100_000
 
 
 @dataclass
@@ -87,8 +92,12 @@ class _Archive:
             if ref is None or len(head) != 8:
                 raise pickle.UnpicklingError("storage data does not match the storage list")
             (count,) = struct.unpack(">q" if self.big_endian else "<q", head)
-            self._legacy_offsets[key] = (self._file.tell(), count)
-            self._file.seek(count * _element_size(ref.dtype), io.SEEK_CUR)
+            start, size = self._file.tell(), count * _element_size(ref.dtype)
+            if count < 0 or start + size > self.path.stat().st_size:
+                raise LeanError(f"{self.path}: storage {key} declares {count} elements, more than the file holds: "
+                                "the file is truncated, damaged or hostile")
+            self._legacy_offsets[key] = (start, count)
+            self._file.seek(size, io.SEEK_CUR)
         return root
 
     def _raw(self, key: str) -> bytes:
@@ -119,6 +128,9 @@ class _Archive:
         last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride)) if all(ref.size) else -1
         if last >= st.numel:
             raise LeanError(f"{self.path}: a tensor reaches past the end of storage {st.key}: the file is damaged")
+        if math.prod(ref.size) > st.numel:  # a stride-0 or overlapping view: its copy could be any size
+            raise LeanError(f"{self.path}: a tensor declares {list(ref.size)} over a storage of {st.numel} elements: "
+                            "the file is damaged or hostile")
         return torch.as_strided(flat, ref.size, ref.stride, ref.offset).clone()
 
     def close(self):
@@ -218,28 +230,45 @@ def _camera_tensors(camera, name: str):
     refs: dict[str, TensorRef] = {}
     groups: dict[int, tuple[list[str], bool]] = {}
 
+    tables: dict[int, tuple] = {}  # each module's own tensors and children, read once however often it is shared
+    visits = 0
+
+    def table(node):
+        if id(node) not in tables:
+            state = _state(node)
+            skip = state.get("_non_persistent_buffers_set")
+            skip = skip if isinstance(skip, (set, frozenset)) else set()
+            own = []
+            for entries, hidden in ((state.get("_parameters"), ()), (state.get("_buffers"), skip)):
+                if isinstance(entries, dict):
+                    own += [(k, r) for k, r in entries.items()
+                            if isinstance(k, str) and isinstance(r, TensorRef) and k not in hidden]
+            mods = state.get("_modules")
+            children = [(k, c) for k, c in (mods.items() if isinstance(mods, dict) else ())
+                        if isinstance(k, str) and isinstance(c, Placeholder)]
+            quantizer = type(node).pickle_name.endswith("TensorQuantizer")
+            tables[id(node)] = own, children, quantizer, state.get("_disabled") is True
+        return tables[id(node)]
+
     def walk(node, prefix, path):
+        nonlocal visits
+        visits += 1
+        if visits > MAX_VISITS:
+            raise LeanError(f"{name}: the camera branch names more than {MAX_VISITS} modules (modules shared level "
+                            "after level): the file is damaged or hostile")
         if len(path) > MAX_DEPTH:
             raise LeanError(f"{name}: the camera branch nests deeper than {MAX_DEPTH} modules: the file is damaged")
-        state = _state(node)
-        skip = state.get("_non_persistent_buffers_set")
-        skip = skip if isinstance(skip, (set, frozenset)) else set()
-        for table, hidden in (("_parameters", ()), ("_buffers", skip)):
-            entries = state.get(table)
-            if isinstance(entries, dict):
-                for key, ref in entries.items():
-                    if isinstance(key, str) and isinstance(ref, TensorRef) and key not in hidden:
-                        refs[prefix + key] = ref
-        if type(node).pickle_name.endswith("TensorQuantizer"):
+        own, children, quantizer, disabled = table(node)
+        for key, ref in own:
+            refs[prefix + key] = ref
+        if quantizer:
             names, _ = groups.get(id(node), ([], False))
             names.append(prefix[:-1])
-            groups[id(node)] = (names, state.get("_disabled") is True)
-        mods = state.get("_modules")
-        for key, child in (mods.items() if isinstance(mods, dict) else ()):
-            if isinstance(key, str) and isinstance(child, Placeholder):
-                if id(child) in path:
-                    raise LeanError(f"{name}: the camera branch contains itself: the file is damaged")
-                walk(child, f"{prefix}{key}.", path | {id(child)})
+            groups[id(node)] = (names, disabled)
+        for key, child in children:
+            if id(child) in path:
+                raise LeanError(f"{name}: the camera branch contains itself: the file is damaged")
+            walk(child, f"{prefix}{key}.", path | {id(child)})
 
     walk(camera, "", {id(camera)})
     return refs, list(groups.values())

@@ -20,6 +20,7 @@ from lean.checkpoint import read_checkpoint, save_checkpoint
 from lean.config import DEFAULT_DATA, DEMO_FLOAT_CKPT, DEMO_PTQ_CKPT
 from lean.data import MATRIX_FILES, load_inputs
 from lean.errors import LeanError
+from lean.io import ensure_writable
 from lean.log import logger
 from lean.quant.modelopt import calibrate, insert_quantizers, quant_config
 
@@ -56,9 +57,10 @@ def run_ptq(opts: PTQOptions) -> dict:
     quant_config(opts.method)  # a bad method is a one-line error before any work
     device = resolve_device(opts.device)
     folders = calibration_folders(opts.data)
-    batches = opts.batches or len(folders)
+    batches = len(folders) if opts.batches is None else opts.batches
     if batches < 1:
         raise LeanError(f"--batches must be at least 1, got {batches}")
+    ensure_writable(Path(opts.out).parent)  # before calibrating, not after
     logger.info("reading %s", opts.ckpt)
     ckpt = read_checkpoint(opts.ckpt)
     if ckpt.kind != "float":
@@ -73,10 +75,9 @@ def run_ptq(opts: PTQOptions) -> dict:
             sample, img, depth = load_inputs(folder, cfg)
             yield img.to(device), None if depth is None else depth.to(device), sample
 
-    bar = _progress(batches, f"calibrating ({opts.method})", opts.progress)
     t = time.perf_counter()
-    seen = calibrate(model, samples(), opts.method, progress=lambda n: bar.update(1))
-    bar.close()
+    with _progress(batches, f"calibrating ({opts.method})", opts.progress) as bar:  # closed before any error prints
+        seen = calibrate(model, samples(), opts.method, progress=lambda n: bar.update(1))
     seconds = time.perf_counter() - t
     meta = {
         "calibration": {"method": opts.method, "batches": seen, "samples": len(folders), "data": str(opts.data),

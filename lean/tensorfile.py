@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from lean.errors import LeanError
-from lean.io import write_bytes
+from lean.io import read_regular, write_bytes
 
 MAGIC = 0x33FF1101
 CODE_TO_DTYPE = {
@@ -27,20 +27,17 @@ CODE_TO_DTYPE = {
 DTYPE_TO_CODE = {dt.newbyteorder("="): code for code, dt in CODE_TO_DTYPE.items()}
 # Far above anything the runtime stores; a larger value means the header is garbage.
 MAX_NDIM = 16
+# 2 GiB: a 6-camera rig's matrices are 400 bytes, 10 lidar sweeps about 7 MB.
+MAX_BYTES = 1 << 31
 _FIX = "regenerate it (python example-data/generate.py) or copy it again from CUDA-BEVFusion's example-data"
 
 
 def read_tensor(path) -> np.ndarray:
     """The array stored in a ``.tensor`` file, in native byte order and writable."""
     path = Path(path)
-    try:
-        raw = bytearray(path.read_bytes())
-    except FileNotFoundError:
-        raise LeanError(f"{path}: no such file; check the path or {_FIX}") from None
-    except IsADirectoryError:
-        raise LeanError(f"{path}: is a folder, not a .tensor file; pass the file's path") from None
-    except OSError as e:
-        raise LeanError(f"{path}: cannot read it ({e.strerror}); check its permissions") from None
+    if not path.exists() and not path.is_symlink():
+        raise LeanError(f"{path}: no such file; check the path or {_FIX}")
+    raw = bytearray(read_regular(path, MAX_BYTES, ".tensor file"))
 
     if len(raw) < 12:
         raise LeanError(f"{path}: {len(raw)} bytes is too short for a .tensor header; {_FIX}")

@@ -125,13 +125,14 @@ def attach_quantizers(model: nn.Module, amax: dict[str, torch.Tensor], disabled:
             if not all(found) and not any(n in disabled for n, f in zip(names, found) if not f):
                 half.append(names[found.index(False)])
             module.__class__ = _QUANT_CLASS[type(module)]
-            module.input_quantizer = QDQ(wanted[names[0]]) if found[0] else nn.Identity()
-            module.weight_quantizer = QDQ(wanted[names[1]], axis=0) if found[1] else nn.Identity()
+            module.input_quantizer = QDQ(_checked(names[0], wanted[names[0]])) if found[0] else nn.Identity()
+            module.weight_quantizer = (QDQ(_checked(names[1], wanted[names[1]], module.weight.shape[0]), axis=0)
+                                       if found[1] else nn.Identity())
             placed.update(n for n, f in zip(names, found) if f)
         for child_name, child in list(module.named_children()):
             full = prefix + child_name
             if isinstance(child, nn.Identity) and _PLACEHOLDER.fullmatch(full) and full in wanted:
-                setattr(module, child_name, QDQ(wanted[full]))
+                setattr(module, child_name, QDQ(_checked(full, wanted[full])))
                 placed.add(full)
     stray = sorted(set(wanted) - placed)
     if stray:
@@ -145,6 +146,20 @@ def attach_quantizers(model: nn.Module, amax: dict[str, torch.Tensor], disabled:
             "re-run PTQ (`python -m lean.ptq`) with this version"
         )
     return model
+
+
+def _checked(name: str, amax: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+    """An amax as read from a file, refused unless it is finite, not negative, and one value
+    (or one per output channel, for a weight quantizer): anything else would silently become
+    scale 1 or a broadcast error."""
+    if not amax.is_floating_point() or not torch.isfinite(amax).all() or (amax < 0).any():
+        raise LeanError(f"PTQ checkpoint's {name}._amax holds a negative, NaN or infinite value: the calibration "
+                        "went wrong or the file is damaged; re-run PTQ (`python -m lean.ptq`)")
+    if amax.numel() not in (1, channels or 1):
+        want = f"1 or {channels} values (one per output channel)" if channels else "a single value"
+        raise LeanError(f"PTQ checkpoint's {name}._amax has shape {list(amax.shape)}, expected {want}: it is not for "
+                        "this layer; re-run PTQ (`python -m lean.ptq`)")
+    return amax
 
 
 def split_amax(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
