@@ -5,8 +5,8 @@ checkpoint (``lean.checkpoint``) -> model (``lean.build``) -> PyTorch reference 
 (``lean.trace``) -> simplify (``lean.simplify``) -> typing check (``lean.typecheck``) and
 validate (``lean.validate``) -> report (``lean.report``). The target (``lean.target``) decides
 the graph: strongly typed FP16/INT8 for TensorRT 10/11, classic FP32 + Q/DQ for TensorRT 8.
-Every file is first written to a temporary name; all of them (both graphs and report.json) are
-renamed into place only after both graphs and the end-to-end check validated.
+Every file is first written into a staging folder beside the output folder, which replaces it as
+a whole (``lean.io.output_folder``) only after both graphs and the end-to-end check validated.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import platform
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +28,11 @@ from lean.config import DEFAULT_DATA
 from lean.contract import BACKBONE, BACKBONE_FILE, VTRANSFORM, VTRANSFORM_FILE, GraphSpec, backbone_spec
 from lean.data import backbone_inputs, load_inputs
 from lean.errors import LeanError
-from lean.io import atomic_path, ensure_writable
+from lean.io import output_folder
 from lean.lint.check import lint_view
 from lean.lint.graph import GraphView
 from lean.models import BackboneGraph, VTransformGraph
+from lean.plot import PLOT_FILES
 from lean.quant.qdq import clamp_scales_to_fp16
 from lean.report import ExportReport, GraphResult, Stages, qdq_pairs
 from lean.simplify import node_count, simplify
@@ -42,6 +42,7 @@ from lean.typecheck import check_typing
 from lean.validate import check_bev, tolerance, validate
 
 REPORT_FILE = "report.json"
+OUTPUT_FILES = (BACKBONE_FILE, VTRANSFORM_FILE, REPORT_FILE, *PLOT_FILES)  # the set that changes as a whole
 PARTS = {BACKBONE_FILE: BackboneGraph, VTRANSFORM_FILE: VTransformGraph}  # which part of the model each file holds
 __all__ = ["BACKBONE_FILE", "REPORT_FILE", "VTRANSFORM_FILE", "ExportOptions", "export_camera"]
 
@@ -85,9 +86,9 @@ class _GraphWriter:
     """Trace -> simplify -> typing check -> write (temporary name) -> validate, for each graph of one export."""
 
     def __init__(self, opts: ExportOptions, target: Target, opset: int, out_dir: Path, props: dict, stages: Stages,
-                 pending: ExitStack):
+                 staging: Path):
         self.opts, self.target, self.opset, self.out_dir = opts, target, opset, out_dir
-        self.props, self.stages, self.pending = props, stages, pending
+        self.props, self.stages, self.staging = props, stages, staging
         self.tolerance = tolerance(opts.precision, target.typed)
 
     def __call__(self, spec: GraphSpec, module: nn.Module, inputs: dict[str, torch.Tensor],
@@ -115,7 +116,7 @@ class _GraphWriter:
                 raise LeanError(f"{name} fails the lint for TensorRT {self.target.name}: {len(lint.errors)} errors, first "
                                 f"{first.rule} ({', '.join(first.offenders[:3])}); nothing was written")
         annotate(proto, self.props)
-        tmp = self.pending.enter_context(atomic_path(self.out_dir / name))
+        tmp = self.staging / name
         with stages("write", f"writing {name}"):
             onnx.save(proto, str(tmp))
         result = GraphResult(name, size=tmp.stat().st_size, nodes=len(proto.graph.node), qdq_pairs=qdq_pairs(proto),
@@ -143,9 +144,16 @@ def _export_camera(opts: ExportOptions) -> ExportReport:
         raise LeanError(f"unknown --io {opts.io!r}: choose fp16 or fp32")
     device = resolve_device(opts.device)
     out_dir = opts.output_dir()
-    precision = opts.precision
 
-    ensure_writable(out_dir)
+    # Every file goes to a staging folder that replaces out_dir as a whole only at the end; taking
+    # it first also fails at once when out_dir cannot be written or another run is writing it.
+    with output_folder(out_dir, OUTPUT_FILES) as staging:
+        return _export_into(opts, stages, target, opset, device, out_dir, staging)
+
+
+def _export_into(opts: ExportOptions, stages: Stages, target: Target, opset: int, device: torch.device, out_dir: Path,
+                 staging: Path) -> ExportReport:
+    precision = opts.precision
     with stages("load", f"reading checkpoint {opts.ckpt}"):
         ckpt = read_checkpoint(opts.ckpt)
         cfg = resolve_config(ckpt, opts.backbone, opts.image_size, opts.cameras, opts.rebuild_frustum,
@@ -182,25 +190,23 @@ def _export_camera(opts: ExportOptions) -> ExportReport:
              "calibration": json.dumps(calibration) if calibration is not None else "none",
              "checkpoint_sha256": ckpt.sha256, "tensorrt": target.name, "typing": target.typing,
              "io": "fp32" if io_dtype == torch.float32 else "fp16"}
-    with ExitStack() as pending:
-        export_graph = _GraphWriter(opts, target, opset, out_dir, props, stages, pending)
-        spec = backbone_spec(cfg.uses_depth)
-        backbone = export_graph(spec, part(spec), {k: v.to(io_dtype) for k, v in inputs.items()}, ref_backbone)
-        vtransform = export_graph(VTRANSFORM, part(VTRANSFORM), {"feat_in": bev_in.to(io_dtype)}, ref_vtransform)
-        target_facts = {"tensorrt": target.name, "runtimes": target.runtimes, "typing": target.typing, "io": props["io"],
-                        "fp16_scales_clamped": clamped if target.typed else None, "fp32_islands": []}
-        report = ExportReport(out_dir, precision, [backbone.result, vtransform.result], stages.times,
-                              _facts(opts, opset, device, cfg, ckpt, target_facts))
-        if opts.check_bev is not False:
-            with stages("check_bev", "end-to-end BEV check: ONNX backbone -> BEV pool -> ONNX vtransform"):
-                report.facts["bev_check"] = check_bev(
-                    backbone.onnx_outputs["camera_feature"], backbone.onnx_outputs["camera_depth_weights"],
-                    vtransform.path, geometry, sample, ref_vtransform["feat_out"],
-                    tolerance(precision, target.typed, bev=True), cfg, out_dir if opts.plot else None,
-                )
-        report_tmp = pending.enter_context(atomic_path(out_dir / REPORT_FILE))
-        report_tmp.write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
-        # Everything validated: leaving the block renames the report and both files into place.
+    export_graph = _GraphWriter(opts, target, opset, out_dir, props, stages, staging)
+    spec = backbone_spec(cfg.uses_depth)
+    backbone = export_graph(spec, part(spec), {k: v.to(io_dtype) for k, v in inputs.items()}, ref_backbone)
+    vtransform = export_graph(VTRANSFORM, part(VTRANSFORM), {"feat_in": bev_in.to(io_dtype)}, ref_vtransform)
+    target_facts = {"tensorrt": target.name, "runtimes": target.runtimes, "typing": target.typing, "io": props["io"],
+                    "fp16_scales_clamped": clamped if target.typed else None, "fp32_islands": []}
+    report = ExportReport(out_dir, precision, [backbone.result, vtransform.result], stages.times,
+                          _facts(opts, opset, device, cfg, ckpt, target_facts))
+    if opts.check_bev is not False:
+        with stages("check_bev", "end-to-end BEV check: ONNX backbone -> BEV pool -> ONNX vtransform"):
+            report.facts["bev_check"] = check_bev(
+                backbone.onnx_outputs["camera_feature"], backbone.onnx_outputs["camera_depth_weights"],
+                vtransform.path, geometry, sample, ref_vtransform["feat_out"],
+                tolerance(precision, target.typed, bev=True), cfg, staging if opts.plot else None,
+            )
+    (staging / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
+    # Everything validated: leaving output_folder swaps the staging folder into place.
     return report
 
 

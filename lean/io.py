@@ -1,12 +1,17 @@
-"""Atomic file writes: a failed or interrupted write never leaves a half file and never
-destroys the previous good one."""
+"""Atomic writes: a failed or interrupted write never leaves a half file or a mixed set of
+files, and never destroys the previous good output; bounded reads of user files."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
 import hashlib
 import os
+import re
 import secrets
+import shutil
 import stat
 from pathlib import Path
 
@@ -88,3 +93,139 @@ def sha256(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# -- the export's output folder: all or nothing ---------------------------------------------------
+# Staging folders and temp files carry the writer's pid, so a later run can tell a dead writer's
+# leftovers (SIGKILL, power loss) from a live one's.
+_STAGING = re.compile(r"\.(?P<name>.+)\.lean-(?P<pid>\d+)-[0-9a-f]{8}(?P<old>\.old)?")
+_TEMP = re.compile(r"\..+\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(parent: Path, name: str | None = None) -> list[Path]:
+    """Remove what dead writers left in ``parent``: temp files, staging folders; a folder that a
+    writer had moved aside (``.old``) while swapping is put back if its place is empty."""
+    removed = []
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        staging, temp = _STAGING.fullmatch(entry.name), _TEMP.fullmatch(entry.name)
+        match = staging or temp
+        if not match or _alive(int(match["pid"])) or (name and staging and staging["name"] != name):
+            continue
+        if staging and staging["old"] and not (entry.parent / staging["name"]).exists():
+            os.replace(entry, entry.parent / staging["name"])  # the swap died halfway: the old set comes back
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def _writer_lock(out_dir: Path):
+    """One writer per output folder: a second one fails at once with a one-line error."""
+    path = out_dir.parent / f".{out_dir.name}.lean-lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LeanError(f"another run is writing {out_dir} right now: wait for it to finish or choose "
+                            "another --out") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # still the lock file everyone opens (its last holder unlinks it when done)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where not supported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(b))
+
+
+@contextlib.contextmanager
+def output_folder(out_dir, ours: tuple[str, ...]):
+    """Yield a fresh staging folder beside ``out_dir``; when the block succeeds it becomes
+    ``out_dir`` in one step, with every file of the old folder that is not one of ``ours``
+    carried over (hard links). A failure, Ctrl-C or SIGTERM leaves ``out_dir`` exactly as it was;
+    a SIGKILL leaves a staging folder that the next run removes."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LeanError(f"cannot write {out_dir}: {e.strerror}; choose a writable folder") from None
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LeanError(f"{out_dir} exists and is not a folder: choose another --out")
+    with _writer_lock(out_dir):
+        clean_stale(out_dir.parent, out_dir.name)
+        staging = out_dir.parent / f".{out_dir.name}.lean-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            staging.mkdir()
+        except OSError as e:
+            raise LeanError(f"cannot write {out_dir}: {e.strerror}; choose a writable folder") from None
+        try:
+            yield staging
+            if not out_dir.exists():
+                os.rename(staging, out_dir)
+            else:
+                for entry in out_dir.iterdir():
+                    if entry.name not in ours:
+                        _link(entry, staging / entry.name)
+                if not _exchange(staging, out_dir):
+                    aside = staging.with_name(staging.name + ".old")
+                    os.rename(out_dir, aside)  # between these two renames a crash leaves `aside`, which
+                    os.rename(staging, out_dir)  # clean_stale puts back
+                    staging = aside
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _link(src: Path, dst: Path) -> None:
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    elif src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    else:
+        _link_or_copy(src, dst)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

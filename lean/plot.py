@@ -9,6 +9,9 @@ import torch
 from lean.io import atomic_path
 
 
+PLOT_FILES = ("bev_pytorch.png", "bev_onnx.png", "bev_diff.png")
+
+
 def plot_bev(folder: Path, ref: torch.Tensor, got: torch.Tensor, sample, cfg) -> list[str]:
     """PNGs of the BEV map (channel L2 norm) from PyTorch, from the ONNX chain, and their difference,
     drawn with the car's forward (+x) up and its left (+y) left, lidar points on top for reference."""
@@ -22,8 +25,7 @@ def plot_bev(folder: Path, ref: torch.Tensor, got: torch.Tensor, sample, cfg) ->
     inside = (pts[:, 0] > x0) & (pts[:, 0] < x1) & (pts[:, 1] > y0) & (pts[:, 1] < y1)
     near = pts[inside & (pts[:, 2] > -1.5)]  # above the ground: the boxes
     written = []
-    maps = {"bev_pytorch.png": ref[0].norm(dim=0), "bev_onnx.png": got[0].norm(dim=0),
-            "bev_diff.png": (got[0] - ref[0]).norm(dim=0)}
+    maps = dict(zip(PLOT_FILES, (ref[0].norm(dim=0), got[0].norm(dim=0), (got[0] - ref[0]).norm(dim=0))))
     for name, m in maps.items():
         fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
         # [X, Y] with X forward, Y left -> rows top = +X, columns left = +Y.

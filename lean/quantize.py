@@ -20,7 +20,7 @@ from lean.checkpoint import read_checkpoint, save_checkpoint
 from lean.config import DEFAULT_DATA, DEMO_FLOAT_CKPT, DEMO_PTQ_CKPT
 from lean.data import MATRIX_FILES, load_inputs
 from lean.errors import LeanError
-from lean.io import ensure_writable
+from lean.io import clean_stale, ensure_writable
 from lean.log import logger
 from lean.quant.modelopt import calibrate, insert_quantizers, quant_config
 
@@ -61,6 +61,7 @@ def run_ptq(opts: PTQOptions) -> dict:
     if batches < 1:
         raise LeanError(f"--batches must be at least 1, got {batches}")
     ensure_writable(Path(opts.out).parent)  # before calibrating, not after
+    clean_stale(Path(opts.out).parent)  # temp files of PTQ runs that were killed
     logger.info("reading %s", opts.ckpt)
     ckpt = read_checkpoint(opts.ckpt)
     if ckpt.kind != "float":
