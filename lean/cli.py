@@ -85,7 +85,7 @@ def rig_options(args) -> dict:
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         prefix = "warning: " if record.levelno >= logging.WARNING else ""
-        return f"{self.formatTime(record, '%H:%M:%S')} {prefix}{record.getMessage()}"
+        return f"{self.formatTime(record, '%H:%M:%S')} {prefix}{one_line(record.getMessage())}"
 
 
 @contextmanager
