@@ -102,3 +102,78 @@ def test_summary_table_is_printed(tmp_path, small_ptq_ckpt, example_dir):
     assert "lean-ptq format, resnet50+generalized_lss_fpn+depth_lss" in r.stdout  # what was detected
     for png in ("bev_pytorch.png", "bev_onnx.png", "bev_diff.png"):
         assert (tmp_path / "o" / png).stat().st_size > 1000
+
+
+def _start(*args):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, str(ROOT / "export_camera.py"), *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(proc, path, what):
+    """Until ``proc``'s stderr shows the stage ``what`` (the staging folder exists by then)."""
+    for line in proc.stderr:
+        if what in line:
+            return
+    raise AssertionError(f"{what} never started")
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_mid_export_leaves_the_earlier_set_and_no_temp(tmp_path, small_ptq_ckpt, example_dir, sig):
+    import signal
+
+    out = tmp_path / "onnx"
+    export_camera(ExportOptions(ckpt=small_ptq_ckpt, out_dir=out, data=example_dir, cameras=2, check_bev=False))
+    before = _files(out)
+    proc = _start("--ckpt", small_ptq_ckpt, "--out", out, "--data", example_dir, "--cameras", "2", "--fp16")
+    _wait_for(proc, out, "exporting camera.vtransform.onnx")  # the backbone file is written by then
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "error: interrupted" in err and "Traceback" not in err
+    assert _files(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
+
+
+def test_sigkill_leftovers_are_removed_by_the_next_run(tmp_path, small_ptq_ckpt, example_dir):
+    out = tmp_path / "onnx"
+    proc = _start("--ckpt", small_ptq_ckpt, "--out", out, "--data", example_dir, "--cameras", "2", "--fp16")
+    _wait_for(proc, out, "exporting camera.vtransform.onnx")
+    proc.kill()
+    proc.communicate(timeout=60)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    # The dead writer's staging folder, and its lock file (a dead process holds no lock on it).
+    assert not out.exists() and len(left) == 2 and left[0].startswith(".onnx.lean-") and left[1] == ".onnx.lean-lock"
+    r = cli("--ckpt", small_ptq_ckpt, "--out", out, "--data", example_dir, "--cameras", "2", "--fp16",
+            "--no-check-bev")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
+
+
+def test_two_exports_into_one_folder_one_waits_out(tmp_path, small_ptq_ckpt, example_dir):
+    out = tmp_path / "onnx"
+    first = _start("--ckpt", small_ptq_ckpt, "--out", out, "--data", example_dir, "--cameras", "2", "--fp16")
+    _wait_for(first, out, "reading checkpoint")
+    second = cli("--ckpt", small_ptq_ckpt, "--out", out, "--data", example_dir, "--cameras", "2", "--fp16")
+    assert_one_line_error(second, "another run is writing")
+    first.communicate(timeout=300)
+    assert first.returncode == 0 and (out / BACKBONE_FILE).exists()
+
+
+def test_two_exports_and_two_ptq_runs_are_byte_identical(tmp_path, small_float_ckpt, example_dir):
+    from lean.quantize import PTQOptions, run_ptq
+
+    for name in ("a", "b"):
+        run_ptq(PTQOptions(ckpt=small_float_ckpt, out=tmp_path / f"{name}.pth", data=example_dir, method="max",
+                           progress=False, cameras=2))
+        export_camera(ExportOptions(ckpt=tmp_path / f"{name}.pth", out_dir=tmp_path / name, data=example_dir,
+                                    cameras=2, check_bev=False))
+    assert (tmp_path / "a.pth").read_bytes() == (tmp_path / "b.pth").read_bytes()
+    for f in (BACKBONE_FILE, VTRANSFORM_FILE):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
