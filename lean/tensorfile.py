@@ -6,6 +6,7 @@ row-major data. Every way a file can be damaged is reported as a one-line ``Lean
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,9 @@ def read_tensor(path) -> np.ndarray:
     dims = tuple(int(d) for d in np.frombuffer(raw, "<i4", int(ndim), 12))
     if any(d < 0 for d in dims):
         raise LeanError(f"{path}: negative dimension in shape {list(dims)}; {_FIX}")
-    expected = offset + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if math.prod(max(d, 1) for d in dims) * dtype.itemsize > MAX_BYTES:  # even an empty array of it is unrepresentable
+        raise LeanError(f"{path}: shape {list(dims)} is larger than a .tensor file may hold; {_FIX}")
+    expected = offset + math.prod(dims) * dtype.itemsize  # Python ints: 16 dims of 2^31 overflow int64
     if len(raw) < expected:
         raise LeanError(f"{path}: truncated: shape {list(dims)} {dtype.name} needs {expected} bytes, "
                         f"the file has {len(raw)}; {_FIX}")

@@ -203,3 +203,83 @@ def test_layouts_that_cannot_be_built_say_why(tmp_path, model):
     with pytest.raises(LeanError) as e:
         read_checkpoint(tmp_path / "x.pth")
     assert "weights: part0., part1." in one_line(e) and "(+4 more)" in one_line(e)
+
+
+# -- property-based fuzzing: damaged checkpoint bytes end in a LeanError, never a traceback or a hang --
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import signal  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    def stop(signum, frame):
+        raise TimeoutError(f"hung for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _seed_files() -> dict[str, bytes]:
+    """Small valid files of each kind the reader takes: zip, legacy stream, mmengine, own format."""
+    from trainers import mmengine_checkpoint, mmengine_installed
+
+    sd = {"encoders.camera.backbone.conv1.weight": torch.randn(4, 3, 1, 1), "encoders.camera.vtransform.dx": torch.ones(3),
+          "encoders.camera.vtransform.frustum": torch.rand(3, 2, 2, 3)}
+    out = {}
+    for name, save in (("zip", lambda f: torch.save({"state_dict": sd}, f)),
+                       ("legacy", lambda f: torch.save({"state_dict": sd}, f, _use_new_zipfile_serialization=False)),
+                       ("own", lambda f: torch.save({"format": "lean.camera", "format_version": 1, "kind": "float",
+                                                     "config": SMALL.to_dict(), "state_dict": sd, "meta": {}}, f))):
+        buf = io.BytesIO()
+        save(buf)
+        out[name] = buf.getvalue()
+    buf = io.BytesIO()
+    with mmengine_installed():
+        torch.save(mmengine_checkpoint({k.replace("encoders.camera.backbone.", "img_backbone.").replace(
+            "encoders.camera.vtransform.", "view_transform."): v for k, v in sd.items()}), buf)
+    out["mmengine"] = buf.getvalue()
+    return out
+
+
+SEEDS = _seed_files()
+
+
+@st.composite
+def damaged(draw):
+    data = bytearray(SEEDS[draw(st.sampled_from(sorted(SEEDS)))])
+    for _ in range(draw(st.integers(1, 8))):
+        kind = draw(st.sampled_from(["flip", "byte", "cut", "insert", "delete"] if data else ["insert"]))
+        at = draw(st.integers(0, max(0, len(data) - 1)))
+        if kind == "flip":
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "byte":
+            data[at] = draw(st.integers(0, 255))
+        elif kind == "cut":
+            del data[at:]
+        elif kind == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=16))
+        elif data:
+            del data[at:at + draw(st.integers(1, 64))]
+    return bytes(data)
+
+
+@settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=damaged())
+def test_fuzzed_checkpoint_bytes_never_traceback_or_hang(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("fuzz") / "x.pth"
+    path.write_bytes(data)
+    with time_limit(30):
+        try:
+            ckpt = read_checkpoint(path)
+            infer_config(ckpt.state_dict)
+        except LeanError as e:
+            assert str(e) and "\n" not in str(e)

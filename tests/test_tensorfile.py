@@ -107,3 +107,37 @@ def test_missing_file(tmp_path):
     with pytest.raises(LeanError) as e:
         read_tensor(path)
     assert_one_line_naming(e, path)
+
+
+# -- property-based fuzzing: any bytes end in an array or a one-line LeanError -------------------------
+import signal  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def tensor_files(draw):
+    """Headers that are plausible (magic, small ndim, known codes) about as often as garbage."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=200))
+    ndim = draw(st.integers(-2, 20))
+    dims = draw(st.lists(st.integers(-5, 2**31 - 1) | st.integers(0, 6), min_size=max(0, ndim), max_size=max(0, ndim)))
+    header = np.array([MAGIC if draw(st.booleans()) else draw(st.integers(0, 2**31 - 1)), ndim,
+                       draw(st.integers(-1, 10)), *dims], "<i8").astype("<i4").tobytes()
+    return header + draw(st.binary(max_size=300))
+
+
+@settings(max_examples=500, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=tensor_files())
+def test_fuzzed_tensor_files(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("fuzz") / "x.tensor"
+    path.write_bytes(data)
+    signal.alarm(20)  # a hang fails the test (SIGALRM's default action ends the run)
+    try:
+        array = read_tensor(path)
+        assert array.nbytes <= len(data)
+    except LeanError as e:
+        assert str(e) and "\n" not in str(e)
+    finally:
+        signal.alarm(0)
