@@ -283,3 +283,19 @@ def test_fuzzed_checkpoint_bytes_never_traceback_or_hang(tmp_path_factory, data)
             infer_config(ckpt.state_dict)
         except LeanError as e:
             assert str(e) and "\n" not in str(e)
+
+
+def test_saved_archives_carry_no_temporary_name_and_a_full_disk_is_one_line(tmp_path, model, monkeypatch):
+    import zipfile
+
+    save_official(tmp_path / "a.pth", model.state_dict())
+    assert {n.split("/")[0] for n in zipfile.ZipFile(tmp_path / "a.pth").namelist()} == {"archive"}
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(LeanError) as e:
+        save_official(tmp_path / "a.pth", model.state_dict())
+    assert "cannot write" in one_line(e) and "free space" in one_line(e)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pth"]
