@@ -16,6 +16,7 @@ are renamed to ours here (``map_legacy_state_dict``), whichever way they were re
 from __future__ import annotations
 
 import functools
+import math
 import pickle
 import re
 import zipfile
@@ -76,6 +77,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         # reader bounds every storage by the bytes the file really has.
         obj = read_pickled_model(path, CONTAINERS)
     if isinstance(obj, PickledModel):
+        check_tensors(obj.tensors, str(path))  # before the legacy names are mapped (they compare amax)
         meta = {"legacy": {"quantizers": obj.quantizers, "shared": obj.shared}}
         ckpt = map_legacy_state_dict(obj.tensors, source="cuda-bevfusion-pickle", disabled=obj.disabled, meta=meta)
     else:
@@ -88,23 +90,44 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 def check_archive(path: Path) -> None:
     """A torch.save zip before anything is allocated from it: every member stored uncompressed
     (torch never compresses, so nothing can inflate past the file's size) and intact (CRC)."""
+    size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                if info.compress_type != zipfile.ZIP_STORED:
-                    raise LeanError(f"{path}: archive member {info.filename} is compressed, which torch.save never "
-                                    "does: the file was altered; re-save it with torch.save")
+            infos = sorted(archive.infolist(), key=lambda i: i.header_offset)
+            end = 0
+            for info in infos:
+                if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x61:
+                    raise LeanError(f"{path}: archive member {info.filename} is compressed or encrypted, which "
+                                    "torch.save never does: the file was altered; re-save it with torch.save")
+                # Members must not overlap: overlapping members would let a small file hold many times
+                # its size of tensor data.
+                if info.header_offset < end:
+                    raise LeanError(f"{path}: archive members overlap, which torch.save never writes: the file "
+                                    "was altered or is hostile")
+                end = info.header_offset + 30 + len(info.filename.encode()) + info.file_size
+            if sum(i.file_size for i in infos) > size:
+                raise LeanError(f"{path}: its archive members hold more bytes than the file: altered or hostile")
             bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except LeanError:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as e:
         raise LeanError(f"{path} is a damaged zip archive ({first_line(e)}): copy or download it again") from None
     if bad is not None:
         raise LeanError(f"{path}: archive member {bad} fails its CRC check: the file is damaged; copy it again")
+
+
+# What a camera branch's tensors are: float weights, int64 grid sizes and BN batch counts.
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.int32, torch.uint8,
+           torch.int8, torch.bool)
 
 
 def check_tensors(sd: dict[str, torch.Tensor], name: str) -> None:
     """Every camera tensor, before any use: no view larger than its storage (a stride-0 tensor
     declaring 10^10 elements over one would become that many on the first copy), finite floats."""
     for key, t in sd.items():
+        if t.layout != torch.strided or t.device.type != "cpu" or t.dtype not in _DTYPES:
+            raise LeanError(f"{name}: tensor {key} is a {t.dtype} {t.layout} tensor on {t.device}, which no camera "
+                            "weight is: the file is damaged or not a BEVFusion checkpoint")
         if t.numel() * t.element_size() > t.untyped_storage().nbytes():
             raise LeanError(f"{name}: tensor {key} declares {list(t.shape)} over a storage of "
                             f"{t.untyped_storage().nbytes()} bytes: the file is damaged or hostile")
@@ -133,7 +156,28 @@ def _own_format(obj: dict, name: str) -> Checkpoint:
     if kind == "ptq" and not any(k.endswith("._amax") for k in sd):
         raise LeanError(f"{name} says it is a PTQ checkpoint but holds no quantizer amax: re-run PTQ "
                         "(`python -m lean.ptq`)")
-    return Checkpoint(sd, kind, f"lean-{kind}", config=cfg, meta=meta)
+    return Checkpoint(sd, kind, f"lean-{kind}", config=cfg, meta=plain_meta(meta, name))
+
+
+def plain_meta(meta, name: str, budget: int = 10_000) -> dict:
+    """A file's metadata as plain JSON data (it goes into report.json): string keys, JSON scalars,
+    bounded depth and size; anything else is dropped, a cycle or a blow-up is refused."""
+    count = 0
+
+    def plain(value, depth):
+        nonlocal count
+        count += 1
+        if count > budget or depth > 16:
+            raise LeanError(f"{name}: its metadata is nested too deep or too large: the file is damaged or hostile")
+        if isinstance(value, dict):
+            return {k: plain(v, depth + 1) for k, v in value.items() if isinstance(k, str)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v, depth + 1) for v in value]
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        return value if value is None or isinstance(value, (str, int, float, bool)) else None
+
+    return plain(meta, 0) if isinstance(meta, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -172,9 +216,10 @@ def checkpoint_from_object(obj, name: str) -> Checkpoint:
         return _own_format(obj, name)
     container = next((k for k in CONTAINERS if isinstance(obj.get(k), dict)), None)
     sd, source = camera_tensors(obj[container] if container else obj, name)
+    check_tensors(sd, name)  # before the legacy names are mapped (they compare amax)
     if any(k.endswith("_amax") for k in sd):
         return map_legacy_state_dict(sd, source=f"cuda-bevfusion-{source}")
-    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) and source == "mit" else {}
+    meta = plain_meta(obj.get("meta"), name) if source == "mit" else {}
     return Checkpoint(sd, "float", source, meta=meta)
 
 
@@ -352,8 +397,8 @@ def save_official(path, state_dict: dict, meta: dict | None = None) -> None:
 
 
 # -- pytorch-quantization names -> ours ---------------------------------------------------------
-_CONCAT = re.compile(r"(.*\.)?quant_concat(\d+)\._input_quantizer")
-_NECK_CONCAT_AMAX = re.compile(r"neck\.quant_concat(\d+)\._input_quantizer\._amax")
+_CONCAT = re.compile(r"(.*\.)?quant_concat(\d{1,4})\._input_quantizer")
+_NECK_CONCAT_AMAX = re.compile(r"neck\.quant_concat(\d{1,4})\._input_quantizer\._amax")
 
 
 def map_legacy_state_dict(sd: dict[str, torch.Tensor], source: str = "cuda-bevfusion-state-dict",

@@ -104,10 +104,25 @@ def _log_to_stderr():
         logger.level, logger.propagate = saved
 
 
+MAX_MESSAGE = 1000  # characters of one error line; the rest of an OS error listing a whole tree is cut
+
+
 def one_line(text: str) -> str:
     """``text`` as one printable line: newlines, terminal escapes and other control characters
     (which could forge a second ``error:`` line or hide text) are shown escaped."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _joined_bounds(argv: list[str]) -> list[str]:
+    """``--xbound -54,54,0.3`` as ``--xbound=-54,54,0.3``: argparse takes a value that starts with
+    a dash for an option, and every lower bound of a centred grid does."""
+    out = []
+    for arg in argv:
+        if out and out[-1] in ("--xbound", "--ybound") and arg.startswith("-"):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def _terminate(signum, frame):
@@ -116,7 +131,7 @@ def _terminate(signum, frame):
 
 def run(main, parser: argparse.ArgumentParser, argv=None) -> int:
     """Call ``main(args)``; a LeanError (or a bad path the OS refused) becomes one line and exit 2."""
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_joined_bounds(sys.argv[1:] if argv is None else list(argv)))
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         with _log_to_stderr():
@@ -134,6 +149,10 @@ def _run(main, args) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; earlier outputs are untouched", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("error: out of memory: close other programs, or use fewer --cameras or a smaller --image-size",
+              file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - the one place errors become exit codes
         user_error = isinstance(e, (LeanError, OSError))
         if args.verbose or not user_error:
@@ -142,6 +161,7 @@ def _run(main, args) -> int:
             print("error: internal error (a bug): please report it with the traceback above", file=sys.stderr)
             return 1
         msg = str(e) if isinstance(e, LeanError) else f"{e.strerror or e} {e.filename or ''}".strip()
-        print(f"error: {one_line(msg)}", file=sys.stderr)
+        msg = one_line(msg)
+        print(f"error: {msg if len(msg) <= MAX_MESSAGE else msg[:MAX_MESSAGE] + '...'}", file=sys.stderr)
         return 2
     return code if isinstance(code, int) else 0  # a main may return its own exit code (the lint: 1 on errors)

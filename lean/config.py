@@ -105,10 +105,28 @@ class CameraConfig:
         return BACKBONE_CHANNELS[self.backbone]
 
     def validate(self) -> None:
+        # Types and ranges first: a config also comes from files, where anything can stand.
+        ints = {"cameras": (1, MAX_CAMERAS), "feature_stride": (8, 8), "neck_channels": (1, 4096),
+                "bev_channels": (1, 4096), "downsample": (2, 2), "depthnet_channels": (1, 4096)}
+        for name, (lo, hi) in ints.items():
+            v = getattr(self, name)
+            if name == "depthnet_channels" and v is None:
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                label = "--cameras" if name == "cameras" else name
+                raise LeanError(f"{label} {v!r} is not supported: it must be an integer from {lo} to {hi}")
+        if not (isinstance(self.image_size, tuple) and len(self.image_size) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in self.image_size)):
+            raise LeanError(f"image size {self.image_size!r} is not two integers HxW, for example 256x704")
         for name in ("dbound", "xbound", "ybound", "zbound"):
-            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in getattr(self, name)):
-                raise LeanError(f"{name} {getattr(self, name)} holds a value that is not a finite number: "
-                                "pass LOW,HIGH,STEP in metres")
+            bound = getattr(self, name)
+            if not (isinstance(bound, tuple) and len(bound) == 3
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bound)):
+                raise LeanError(f"{name} {bound!r} is not three finite numbers LOW,HIGH,STEP in metres")
+            lo, hi, step = bound
+            if step <= 0 or hi <= lo or not math.isfinite((hi - lo) / step) or round((hi - lo) / step) < 1:
+                raise LeanError(f"{name} {lo},{hi},{step} is empty or has no whole step: need lower < upper, "
+                                "step > 0 and at least one step between them")
         if self.backbone not in BACKBONES:
             raise LeanError(f"unknown backbone {self.backbone!r}: choose one of {', '.join(BACKBONES)}")
         if self.vtransform not in VTRANSFORMS:

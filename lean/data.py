@@ -139,7 +139,7 @@ def _find_image(folder: Path, index: int) -> Path:
 def _read_image(path: Path) -> Image.Image:
     data = read_regular(path, MAX_IMAGE_BYTES, "JPEG image")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=["JPEG", "PNG"]) as img:  # no plugin with side effects (EPS)
             w, h = img.size  # from the header: refuse before decoding a pixel
             if w * h > MAX_IMAGE_PIXELS:
                 raise LeanError(f"{path}: the image claims {w}x{h} pixels, more than {MAX_IMAGE_PIXELS}; "
@@ -147,7 +147,10 @@ def _read_image(path: Path) -> Image.Image:
             return img.convert("RGB")
     except LeanError:
         raise
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:  # PIL's own check, in open(), for headers beyond its limit
+        raise LeanError(f"{path}: the image claims more than {Image.MAX_IMAGE_PIXELS} pixels; replace it with the "
+                        "camera's image (nuScenes: 1600x900)") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LeanError(f"{path}: cannot decode the image ({reason}); replace it with a valid JPEG") from None
 
@@ -171,8 +174,9 @@ def load_example(folder, image_size=DEFAULT_IMAGE_SIZE, cameras: int | None = No
     images, augs = [], []
     for i in range(n):
         path = _find_image(folder, i)
+        img = _read_image(path)  # its errors name the path
         try:
-            img, aug = preprocess_image(_read_image(path), image_size)
+            img, aug = preprocess_image(img, image_size)
         except LeanError as e:
             raise LeanError(f"{path}: {e}") from None
         images.append(img)

@@ -56,6 +56,14 @@ def read_regular(path, limit: int, what: str) -> bytes:
     checked against the budget before a byte is allocated."""
     path = Path(path)
     try:
+        st = os.stat(path)  # before opening: opening a device can have effects of its own
+    except FileNotFoundError:
+        raise LeanError(f"{path}: no such file; check the path") from None
+    except OSError as e:
+        raise LeanError(f"{path}: cannot read it ({e.strerror}); check its permissions") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise LeanError(f"{path}: not a regular file ({_kind(st.st_mode)}); replace it with the {what} itself")
+    try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not wait for a writer
     except FileNotFoundError:
         raise LeanError(f"{path}: no such file; check the path") from None
@@ -98,8 +106,8 @@ def sha256(path) -> str:
 # -- the export's output folder: all or nothing ---------------------------------------------------
 # Staging folders and temp files carry the writer's pid, so a later run can tell a dead writer's
 # leftovers (SIGKILL, power loss) from a live one's.
-_STAGING = re.compile(r"\.(?P<name>.+)\.lean-(?P<pid>\d+)-[0-9a-f]{8}(?P<old>\.old)?")
-_TEMP = re.compile(r"\..+\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
+_STAGING = re.compile(r"\.(?P<name>.+)\.lean-(?P<pid>\d{1,9})-[0-9a-f]{8}(?P<old>\.old)?")
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d{1,9})\.[0-9a-f]{8}\.tmp")
 
 
 def _alive(pid: int) -> bool:
@@ -113,8 +121,10 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale(parent: Path, name: str | None = None) -> list[Path]:
-    """Remove what dead writers left in ``parent``: temp files, staging folders; a folder that a
-    writer had moved aside (``.old``) while swapping is put back if its place is empty."""
+    """Remove what dead writers left in ``parent`` (for the output ``name`` only, when given): temp
+    files, staging folders; a folder that a writer had moved aside (``.old``) while swapping is
+    put back if its place is empty. A writer is judged by its pid, so leftovers of a writer in
+    another pid namespace (a container sharing the folder) may look dead."""
     removed = []
     try:
         entries = list(Path(parent).iterdir())
@@ -123,7 +133,7 @@ def clean_stale(parent: Path, name: str | None = None) -> list[Path]:
     for entry in entries:
         staging, temp = _STAGING.fullmatch(entry.name), _TEMP.fullmatch(entry.name)
         match = staging or temp
-        if not match or _alive(int(match["pid"])) or (name and staging and staging["name"] != name):
+        if not match or _alive(int(match["pid"])) or (name and match["name"] != name):
             continue
         if staging and staging["old"] and not (entry.parent / staging["name"]).exists():
             os.replace(entry, entry.parent / staging["name"])  # the swap died halfway: the old set comes back
@@ -142,13 +152,21 @@ def _writer_lock(out_dir: Path):
     """One writer per output folder: a second one fails at once with a one-line error."""
     path = out_dir.parent / f".{out_dir.name}.lean-lock"
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # read-only is enough for flock, and another user's lock file stays usable (0666 less umask)
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as e:
+            raise LeanError(f"cannot lock {out_dir} for writing ({e.strerror}): remove {path} or choose "
+                            "another --out") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise LeanError(f"another run is writing {out_dir} right now: wait for it to finish or choose "
                             "another --out") from None
+        except OSError as e:
+            os.close(fd)
+            raise LeanError(f"cannot lock {out_dir} for writing ({e.strerror}): choose an --out on a local "
+                            "file system") from None
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break  # still the lock file everyone opens (its last holder unlinks it when done)
@@ -184,7 +202,13 @@ def output_folder(out_dir, ours: tuple[str, ...]):
     ``out_dir`` in one step, with every file of the old folder that is not one of ``ours``
     carried over (hard links). A failure, Ctrl-C or SIGTERM leaves ``out_dir`` exactly as it was;
     a SIGKILL leaves a staging folder that the next run removes."""
-    out_dir = Path(out_dir)
+    # The real folder: a symlinked --out is written through (the link stays), and the lock and
+    # the staging folder sit beside the folder that changes.
+    out_dir = Path(os.path.realpath(out_dir))
+    cwd = Path.cwd().resolve()
+    if out_dir == Path(out_dir.anchor) or out_dir == cwd or out_dir in cwd.parents:
+        raise LeanError(f"--out {out_dir} is the current folder or one above it; the export replaces --out as a "
+                        "whole: choose a folder of its own, e.g. qat/onnx_int8")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -196,23 +220,39 @@ def output_folder(out_dir, ours: tuple[str, ...]):
         staging = out_dir.parent / f".{out_dir.name}.lean-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             staging.mkdir()
+            if out_dir.is_dir():
+                shutil.copystat(out_dir, staging)  # a shared folder keeps its mode
         except OSError as e:
             raise LeanError(f"cannot write {out_dir}: {e.strerror}; choose a writable folder") from None
         try:
             yield staging
-            if not out_dir.exists():
-                os.rename(staging, out_dir)
-            else:
-                for entry in out_dir.iterdir():
-                    if entry.name not in ours:
-                        _link(entry, staging / entry.name)
-                if not _exchange(staging, out_dir):
-                    aside = staging.with_name(staging.name + ".old")
-                    os.rename(out_dir, aside)  # between these two renames a crash leaves `aside`, which
-                    os.rename(staging, out_dir)  # clean_stale puts back
-                    staging = aside
+            try:
+                staging = _swap_in(staging, out_dir, ours)
+            except OSError as e:
+                raise LeanError(f"cannot write {out_dir}: {e.strerror or e}; free space or choose another --out") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_in(staging: Path, out_dir: Path, ours: tuple[str, ...]) -> Path:
+    """Make ``staging`` the new ``out_dir``; returns what is left to remove (the old folder)."""
+    if not out_dir.exists():
+        os.rename(staging, out_dir)
+        return staging
+    for entry in out_dir.iterdir():
+        if entry.name not in ours:
+            _link(entry, staging / entry.name)
+    if _exchange(staging, out_dir):
+        return staging
+    aside = staging.with_name(staging.name + ".old")
+    os.rename(out_dir, aside)  # a crash between these two renames leaves `aside`, which clean_stale puts back
+    try:
+        os.rename(staging, out_dir)
+    except BaseException:
+        os.rename(aside, out_dir)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    return aside
 
 
 def _link(src: Path, dst: Path) -> None:

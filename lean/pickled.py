@@ -252,13 +252,13 @@ def _camera_tensors(camera, name: str):
 
     def walk(node, prefix, path):
         nonlocal visits
-        visits += 1
+        own, children, quantizer, disabled = table(node)
+        visits += 1 + len(own)  # names produced, not just modules visited
         if visits > MAX_VISITS:
             raise LeanError(f"{name}: the camera branch names more than {MAX_VISITS} modules (modules shared level "
                             "after level): the file is damaged or hostile")
         if len(path) > MAX_DEPTH:
             raise LeanError(f"{name}: the camera branch nests deeper than {MAX_DEPTH} modules: the file is damaged")
-        own, children, quantizer, disabled = table(node)
         for key, ref in own:
             refs[prefix + key] = ref
         if quantizer:

@@ -60,8 +60,11 @@ def run_ptq(opts: PTQOptions) -> dict:
     batches = len(folders) if opts.batches is None else opts.batches
     if batches < 1:
         raise LeanError(f"--batches must be at least 1, got {batches}")
-    ensure_writable(Path(opts.out).parent)  # before calibrating, not after
-    clean_stale(Path(opts.out).parent)  # temp files of PTQ runs that were killed
+    out = Path(opts.out)
+    if out.is_dir():
+        raise LeanError(f"--out {out} is a folder: pass the .pth file to write, e.g. {out / 'bevfusion_ptq.pth'}")
+    ensure_writable(out.parent)  # before calibrating, not after
+    clean_stale(out.parent, out.name)  # temp files of PTQ runs into this file that were killed
     logger.info("reading %s", opts.ckpt)
     ckpt = read_checkpoint(opts.ckpt)
     if ckpt.kind != "float":
@@ -82,8 +85,8 @@ def run_ptq(opts: PTQOptions) -> dict:
     seconds = time.perf_counter() - t
     meta = {
         "calibration": {"method": opts.method, "batches": seen, "samples": len(folders), "data": str(opts.data),
-                        "quantize_downsample": opts.quantize_downsample, "device": str(device),
-                        "seconds": round(seconds, 2)},
+                        # No wall time: two runs of the same calibration write the same bytes.
+                        "quantize_downsample": opts.quantize_downsample, "device": str(device)},
         "source": {"path": str(opts.ckpt), "sha256": ckpt.sha256, "format": ckpt.source},
         "versions": versions(),
         "producer": f"lean {lean.__version__}",

@@ -270,7 +270,10 @@ def _name_of(obj) -> str:
     return getattr(obj, "__qualname__", type(obj).__name__)
 
 
-class Unpickler(pickle.Unpickler):
+class Unpickler(pickle._Unpickler):  # noqa: SLF001
+    """The pure-Python unpickler: its memo is a dict, where the C one grows an array to twice the
+    largest index a PUT names (a 9-byte file could make it allocate gigabytes)."""
+
     def __init__(self, file, records: Records, legacy: bool = False):
         super().__init__(file)
         self.records = records

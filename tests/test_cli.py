@@ -250,6 +250,11 @@ def _stride0_mmengine(dst):
     return dst
 
 
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
 def _hostile(dst):
     class P:
         def __reduce__(self):
@@ -308,8 +313,8 @@ MATRIX = {
     "stride0-restricted-reader": (EXPORT, _ckpt_case(lambda t, p, f: _stride0_mmengine(t / "x.pth"))),
     "shared-module-dag": (EXPORT, _ckpt_case(lambda t, p, f: _shared_dag(t / "x.pth"))),
     "legacy-huge-storage": (EXPORT, _ckpt_case(lambda t, p, f: _legacy_huge_storage(t / "x.pth"))),
-    "truncated-ckpt": (EXPORT, _ckpt_case(lambda t, p, f: (t / "x.pth").write_bytes(Path(p).read_bytes()[:5000])
-                                          or t / "x.pth")),
+    "truncated-ckpt": (EXPORT, _ckpt_case(lambda t, p, f: _write(t / "x.pth", Path(p).read_bytes()[:5000]))),
+    "pickle-memo-bomb": (EXPORT, _ckpt_case(lambda t, p, f: _write(t / "x.pth", b"\x80\x02Nr\xff\xff\xff\xff."))),
     "hostile-pickle": (EXPORT, _ckpt_case(lambda t, p, f: _hostile(t / "x.pth"))),
     "ckpt-is-fifo": (EXPORT, _ckpt_case(lambda t, p, f: os.mkfifo(t / "x.pth") or t / "x.pth")),
     "control-chars-in-keys": (EXPORT, _ckpt_case(lambda t, p, f: _escape_keys(p, t / "x.pth"))),
@@ -323,8 +328,10 @@ MATRIX = {
     "no-data-folder": (EXPORT, lambda t, p, f, d: ["--ckpt", p, "--data", t / "nope", "--cameras", "2"]),
     "opset-99": (EXPORT, _args("--opset", "99")),
     "xbound-nan": (EXPORT, _args("--xbound", "nan,54,0.3", "--rebuild-frustum")),
-    "xbound-inf-step": (EXPORT, _args("--xbound", "-54,54,inf", "--rebuild-frustum")),
-    "xbound-tiny-step": (EXPORT, _args("--xbound", "-54,54,1e-9", "--rebuild-frustum")),
+    "xbound-inf-step": (EXPORT, _args("--xbound=-54,54,inf", "--rebuild-frustum")),
+    "xbound-tiny-step": (EXPORT, _args("--xbound=-54,54,1e-9", "--rebuild-frustum")),
+    "xbound-overflow": (EXPORT, _args("--xbound=0,1,1e-320", "--rebuild-frustum")),
+    "ybound-empty-grid": (EXPORT, _args("--ybound=-54,-53.9,0.3", "--rebuild-frustum")),
     "image-size-absurd": (EXPORT, _args("--image-size", "100000x100000", "--rebuild-frustum")),
     "rig-beyond-memory": (EXPORT, lambda t, p, f, d: ["--ckpt", p, "--data", d, "--cameras", "64", "--image-size",
                                                       "8192x8192", "--rebuild-frustum"]),
@@ -366,8 +373,32 @@ def _snapshot(root: Path) -> dict:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_matrix_has_forty_cases():
-    assert len(MATRIX) >= 40
+# What each case's one line must say: the check it is named after, not any error at all.
+EXPECTED = {
+    "amax-wrong-shape": "has shape [3]", "amax-nan": "NaN", "amax-negative": "negative",
+    "dx-wrong-shape": "vtransform.dx", "frustum-wrong-shape": "vtransform.frustum", "frustum-nan": "NaN",
+    "own-format-no-state-dict": "'state_dict'", "own-format-meta-list": "'meta' is a list",
+    "own-format-config-type": "image size", "inf-weights": "NaN or infinite", "ptq-without-amax": "no quantizer amax",
+    "zip-crc": "CRC", "zip-deflate-bomb": "compressed", "stride0-weights-only": "over a storage",
+    "stride0-restricted-reader": "over a storage", "shared-module-dag": "more than 100000",
+    "legacy-huge-storage": "more than the file holds", "truncated-ckpt": "not a readable", "pickle-memo-bomb": "without a camera branch", "hostile-pickle": "posix.system",
+    "ckpt-is-fifo": "not a regular file", "control-chars-in-keys": "no camera branch",
+    "newline-in-path": "does not exist", "jpeg-65000-square": "the image claims more than",
+    "points-dev-zero": "character device", "points-fifo": "a FIFO", "matrix-nan": "NaN or infinite",
+    "points-truncated": "truncated", "image-is-folder": "a folder", "no-data-folder": "no such folder",
+    "opset-99": "--opset 99", "xbound-nan": "finite", "xbound-inf-step": "finite", "xbound-tiny-step": "BEV grid", "xbound-overflow": "no whole step",
+    "ybound-empty-grid": "no whole step",
+    "image-size-absurd": "beyond what this tool builds", "rig-beyond-memory": "GiB to export",
+    "cameras-zero": "cameras", "cameras-negative": "cameras", "unknown-flag": "--foo", "bad-choice": "--tensorrt",
+    "image-size-text": "not HxW", "out-is-a-file": "not a folder", "ptq-batches-0": "--batches",
+    "ptq-batches-negative": "--batches", "ptq-out-unwritable": "cannot write", "ptq-already-quantized": "already quantized",
+    "ptq-bad-method": "minmax", "ptq-no-data": "not a folder", "ptq-inf-weights": "NaN or infinite",
+    "ptq-hostile": "posix.system", "ptq-stride0": "over a storage",
+}
+
+
+def test_every_case_says_what_it_checks():
+    assert len(MATRIX) >= 40 and set(EXPECTED) == set(MATRIX)
 
 
 @pytest.mark.parametrize("case", list(MATRIX))
@@ -381,7 +412,18 @@ def test_bad_input_is_one_clean_line(tmp_path, case, earlier, small_ptq_ckpt, sm
     errors = [line for line in lines if line.startswith("error:")]
     assert r.returncode == 2, r.stderr[-2000:]
     assert len(errors) == 1 and lines[-1] == errors[0], r.stderr[-2000:]
+    assert EXPECTED[case] in errors[0] and "MemoryError" not in r.stderr and "calibrating" not in r.stderr, errors[0]
     assert "Traceback" not in r.stderr and not any(not c.isprintable() for line in lines for c in line)
     assert not (tmp_path / "PWNED").exists()
     assert _snapshot(earlier) == before
     assert not [p.name for p in earlier.iterdir() if p.name.startswith(".")]  # no temp, staging or lock left
+
+
+def test_negative_bounds_need_no_equals_sign():
+    seen = {}
+
+    def main(args):
+        seen.update(cli.rig_options(args))
+
+    assert cli.run(main, parser(), ["--xbound", "-51.2,51.2,0.4", "--ybound", "-40,40,0.5"]) == 0
+    assert seen["xbound"] == (-51.2, 51.2, 0.4) and seen["ybound"] == (-40.0, 40.0, 0.5)

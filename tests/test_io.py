@@ -116,3 +116,20 @@ def test_read_regular_refuses_what_would_block_or_never_end(tmp_path):
             read_regular(tmp_path / name, 10, "test file")
         assert words in one_line(e)
     assert read_regular(tmp_path / "big", 100, "test file") == b"x" * 100
+
+
+def test_a_symlinked_out_is_written_through_and_the_current_folder_is_refused(tmp_path, monkeypatch):
+    real = tmp_path / "real"
+    with output_folder(real, OURS) as staging:
+        _fill(staging, "old")
+    (tmp_path / "link").symlink_to(real)
+    with output_folder(tmp_path / "link", OURS) as staging:
+        _fill(staging, "new")
+    assert (tmp_path / "link").is_symlink() and _state(real) == dict.fromkeys(OURS, "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    monkeypatch.chdir(real)
+    for out in (".", "..", "/"):
+        with pytest.raises(LeanError) as e:
+            with output_folder(out, OURS):
+                pass
+        assert "current folder or one above it" in one_line(e) or "/" == out
