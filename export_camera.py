@@ -49,8 +49,9 @@ def main(args) -> None:
                          simplify=args.simplify, data=args.data, check_bev=args.check_bev, plot=args.plot,
                          **cli.rig_options(args))
     report = export_camera(opts)
-    print(summary_table(report))
-    print(f"report: {report.out_dir / REPORT_FILE}")
+    # Paths come from the user: shown escaped, as in error lines.
+    print("\n".join(cli.one_line(line) for line in summary_table(report).splitlines()))
+    print(f"report: {cli.one_line(report.out_dir / REPORT_FILE)}")
 
 
 if __name__ == "__main__":
