@@ -6,7 +6,9 @@ user already runs the runtime on is read as is, and the synthetic scene is writt
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,15 +16,18 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from lean.config import CameraConfig
+from lean import cli
+from lean.config import CameraConfig, parse_image_size
 from lean.errors import LeanError
 from lean.geometry import depth_image
-from lean.io import read_regular, write_bytes
+from lean.io import output_folder, read_regular, write_bytes
+from lean.nuscenes import CAMERA_CHANNELS, VERSIONS, SamplePlan, Tables, rig_matrices, sample_points
 from lean.tensorfile import read_tensor, write_tensor
 
 CAMERA_NAMES = ("FRONT", "FRONT_RIGHT", "FRONT_LEFT", "BACK", "BACK_LEFT", "BACK_RIGHT")
 MATRIX_FILES = ("camera2lidar", "camera_intrinsics", "lidar2image", "img_aug_matrix")
 POINTS_FILE = "points.tensor"
+EXAMPLE_FILES = (*(f"{m}.tensor" for m in MATRIX_FILES), POINTS_FILE)  # plus the {i}-NAME.jpg images
 # Budgets for what a data folder may hold (a nuScenes frame: 1600x900 JPEGs of ~0.3 MB, about
 # 35 000 points per sweep): far above real data, far below what would exhaust memory.
 MAX_IMAGE_BYTES = 64 << 20
@@ -59,8 +64,8 @@ def image_aug(input_size, image_size=DEFAULT_IMAGE_SIZE) -> tuple[tuple[int, int
     return (rw, rh), (cx, cy), aug
 
 
-def preprocess_image(img: Image.Image, image_size=DEFAULT_IMAGE_SIZE) -> tuple[torch.Tensor, np.ndarray]:
-    """The runtime's preprocessing of one camera image: [3,H,W] normalized RGB and its 4x4 aug.
+def crop_image(img: Image.Image, image_size=DEFAULT_IMAGE_SIZE) -> tuple[torch.Tensor, np.ndarray]:
+    """The runtime's resize and crop of one camera image: [3,H,W] uint8 RGB and its 4x4 aug.
 
     PIL's bilinear resize stands in for the runtime's CUDA kernel. Both agree exactly on smooth
     content (constant regions, linear ramps away from borders); on sharp edges they may differ
@@ -69,9 +74,22 @@ def preprocess_image(img: Image.Image, image_size=DEFAULT_IMAGE_SIZE) -> tuple[t
     (rw, rh), (cx, cy), aug = image_aug(img.size, image_size)
     h, w = image_size
     resized = img.convert("RGB").resize((rw, rh), Image.BILINEAR)
-    pixels = np.asarray(resized, np.float32)[cy:cy + h, cx:cx + w]
-    normalized = (pixels / 255.0 - MEAN) / STD
-    return torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1))), aug
+    pixels = np.asarray(resized)[cy:cy + h, cx:cx + w]
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), aug
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB [..., 3, H, W] -> the network's normalized float32 input, on ``pixels``' device
+    (the streaming calibration normalizes on the GPU)."""
+    mean = torch.as_tensor(MEAN, device=pixels.device).view(3, 1, 1)
+    std = torch.as_tensor(STD, device=pixels.device).view(3, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
+
+
+def preprocess_image(img: Image.Image, image_size=DEFAULT_IMAGE_SIZE) -> tuple[torch.Tensor, np.ndarray]:
+    """The runtime's preprocessing of one camera image: [3,H,W] normalized RGB and its 4x4 aug."""
+    pixels, aug = crop_image(img, image_size)
+    return normalize(pixels), aug
 
 
 @dataclass
@@ -136,7 +154,7 @@ def _find_image(folder: Path, index: int) -> Path:
     return found[0]
 
 
-def _read_image(path: Path) -> Image.Image:
+def read_image(path: Path) -> Image.Image:
     data = read_regular(path, MAX_IMAGE_BYTES, "JPEG image")
     try:
         with Image.open(io.BytesIO(data), formats=["JPEG", "PNG"]) as img:  # no plugin with side effects (EPS)
@@ -155,10 +173,20 @@ def _read_image(path: Path) -> Image.Image:
         raise LeanError(f"{path}: cannot decode the image ({reason}); replace it with a valid JPEG") from None
 
 
-def load_example(folder, image_size=DEFAULT_IMAGE_SIZE, cameras: int | None = None, need_points: bool = True) -> Sample:
-    """Read and preprocess an example-data folder; ``cameras`` defaults to all the matrices hold.
+def _crop_all(images: list[tuple[Path, Image.Image]], image_size) -> tuple[torch.Tensor, np.ndarray]:
+    """Cropped uint8 images [1,N,3,H,W] and their augs [1,N,4,4]; a size error names the file."""
+    pixels, augs = [], []
+    for path, img in images:
+        try:
+            p, aug = crop_image(img, image_size)
+        except LeanError as e:
+            raise LeanError(f"{path}: {e}") from None
+        pixels.append(p)
+        augs.append(aug)
+    return torch.stack(pixels)[None], np.stack(augs)[None]
 
-    ``need_points=False``: the lidar points are not read (camera-only branches); the sample holds none."""
+
+def _read_folder(folder, image_size, cameras: int | None, need_points: bool):
     folder = Path(folder)
     if not folder.is_dir():
         raise LeanError(f"{folder}: no such folder; pass CUDA-BEVFusion's example-data folder "
@@ -170,31 +198,19 @@ def load_example(folder, image_size=DEFAULT_IMAGE_SIZE, cameras: int | None = No
     if not 1 <= n <= available:
         raise LeanError(f"{folder}: asked for {n} cameras but the matrices hold {available}; "
                         f"pass cameras between 1 and {available}")
+    paths = [_find_image(folder, i) for i in range(n)]
+    pixels, augs = _crop_all([(p, read_image(p)) for p in paths], image_size)  # read_image's errors name the path
+    rig = {name: torch.from_numpy(np.ascontiguousarray(matrices[name][:, :n])) for name in MATRIX_FILES[:3]}
+    rig["img_aug_matrix"] = torch.from_numpy(augs)
+    return folder, pixels, torch.from_numpy(points), rig
 
-    images, augs = [], []
-    for i in range(n):
-        path = _find_image(folder, i)
-        img = _read_image(path)  # its errors name the path
-        try:
-            img, aug = preprocess_image(img, image_size)
-        except LeanError as e:
-            raise LeanError(f"{path}: {e}") from None
-        images.append(img)
-        augs.append(aug)
 
-    def batch(m):
-        return torch.from_numpy(np.ascontiguousarray(m[:, :n]))
+def load_example(folder, image_size=DEFAULT_IMAGE_SIZE, cameras: int | None = None, need_points: bool = True) -> Sample:
+    """Read and preprocess an example-data folder; ``cameras`` defaults to all the matrices hold.
 
-    return Sample(
-        img=torch.stack(images)[None],
-        points=torch.from_numpy(points),
-        camera2lidar=batch(matrices["camera2lidar"]),
-        camera_intrinsics=batch(matrices["camera_intrinsics"]),
-        lidar2image=batch(matrices["lidar2image"]),
-        img_aug_matrix=torch.from_numpy(np.stack(augs)[None]),
-        image_size=tuple(image_size),
-        folder=folder,
-    )
+    ``need_points=False``: the lidar points are not read (camera-only branches); the sample holds none."""
+    folder, pixels, points, rig = _read_folder(folder, image_size, cameras, need_points)
+    return Sample(img=normalize(pixels), points=points, image_size=tuple(image_size), folder=folder, **rig)
 
 
 def load_inputs(folder, cfg: CameraConfig) -> tuple[Sample, torch.Tensor, torch.Tensor | None]:
@@ -214,13 +230,14 @@ def backbone_inputs(img: torch.Tensor, depth: torch.Tensor | None) -> dict[str, 
 
 
 def write_example(folder, images, camera2lidar, camera_intrinsics, lidar2image, img_aug_matrix, points) -> list[Path]:
-    """Write an example-data folder (each file atomically); returns the paths written."""
+    """Write an example-data folder (each file atomically); returns the paths written. An image
+    is a PIL image, an HxWx3 uint8 array (both saved as JPEG) or the bytes of a JPEG file."""
     folder = Path(folder)
     n = len(images)
     if n == 0:
         raise LeanError(f"{folder}: no camera images given; pass one HxWx3 uint8 image per camera")
     for i, img in enumerate(images):
-        if not isinstance(img, Image.Image):
+        if not isinstance(img, (Image.Image, bytes)):
             a = np.asarray(img)
             if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
                 raise LeanError(f"image {i}: {a.dtype} {list(a.shape)}, expected uint8 HxWx3; "
@@ -242,9 +259,137 @@ def write_example(folder, images, camera2lidar, camera_intrinsics, lidar2image, 
     write_tensor(written[-1], points.astype(np.float16))
 
     for file_name, img in zip(image_file_names(n), images):
+        written.append(folder / file_name)
+        if isinstance(img, bytes):  # an encoded JPEG, kept byte for byte
+            write_bytes(written[-1], img)
+            continue
         img = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
         buf = io.BytesIO()
         img.convert("RGB").save(buf, "JPEG", quality=JPEG_QUALITY)
-        written.append(folder / file_name)
         write_bytes(written[-1], buf.getvalue())
     return written
+
+
+# -- calibration frames: what a loader worker hands the calibration --------------------------------
+
+RIG_FIELDS = ("camera2lidar", "camera_intrinsics", "lidar2image", "img_aug_matrix")
+
+
+@dataclass
+class Frame:
+    """One calibration sample as a loader worker makes it: the images resized and cropped but
+    still uint8 (a quarter of the bytes to pin and copy; ``normalize`` runs on the device), the
+    depth image drawn from the points, and the rig (``lean.bev.pool_to_bev`` reads it)."""
+
+    name: str  # the folder or the nuScenes sample token, for messages
+    img: torch.Tensor  # [1,N,3,H,W] uint8
+    depth: torch.Tensor | None  # [1,N,1,H,W] float32; None for a camera-only branch
+    camera2lidar: torch.Tensor  # [1,N,4,4] each
+    camera_intrinsics: torch.Tensor
+    lidar2image: torch.Tensor
+    img_aug_matrix: torch.Tensor
+
+    def _map(self, fn) -> "Frame":
+        tensors = {f: fn(getattr(self, f)) for f in ("img", *RIG_FIELDS)}
+        return dataclasses.replace(self, depth=None if self.depth is None else fn(self.depth), **tensors)
+
+    def pin_memory(self) -> "Frame":  # called by the DataLoader's pinning thread
+        return self._map(torch.Tensor.pin_memory)
+
+    def to(self, device) -> "Frame":
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The backbone's (img, depth), normalized where the frame is."""
+        return normalize(self.img), self.depth
+
+
+def _frame(name: str, pixels, points, rig: dict, cfg: CameraConfig) -> Frame:
+    depth = None
+    if cfg.uses_depth:
+        depth = depth_image(points, rig["lidar2image"], rig["img_aug_matrix"], cfg.image_size)
+    return Frame(name, pixels, depth, **{f: rig[f].float() for f in RIG_FIELDS})
+
+
+def folder_frame(folder, cfg: CameraConfig) -> Frame:
+    """An example-data folder as a calibration frame for ``cfg``'s rig."""
+    folder, pixels, points, rig = _read_folder(folder, cfg.image_size, cfg.cameras, cfg.uses_depth)
+    return _frame(str(folder), pixels, points, rig, cfg)
+
+
+def _nuscenes_cameras(plan: SamplePlan, cameras: int | None) -> int:
+    n = len(plan.cameras) if cameras is None else cameras
+    if not 1 <= n <= len(plan.cameras):
+        raise LeanError(f"asked for {n} cameras but nuScenes has {len(plan.cameras)}; pass --cameras 1 to 6")
+    return n
+
+
+def nuscenes_frame(dataroot, plan: SamplePlan, cfg: CameraConfig) -> Frame:
+    """One planned nuScenes sample as a calibration frame: the first ``cfg.cameras`` cameras in
+    CUDA-BEVFusion's order, points of the key frame and its sweeps cut to ``cfg``'s grid."""
+    n = _nuscenes_cameras(plan, cfg.cameras)
+    paths = [Path(dataroot) / c.path for c in plan.cameras[:n]]
+    pixels, augs = _crop_all([(p, read_image(p)) for p in paths], cfg.image_size)
+    rig = {k: torch.from_numpy(np.ascontiguousarray(m[:, :n])) for k, m in rig_matrices(plan).items()}
+    rig["img_aug_matrix"] = torch.from_numpy(augs)
+    points = torch.from_numpy(sample_points(dataroot, plan, cfg.xbound, cfg.ybound)) if cfg.uses_depth else None
+    return _frame(plan.token, pixels, points, rig, cfg)
+
+
+@dataclass
+class NuScenesExampleOptions:
+    dataroot: Path
+    token: str
+    out: Path
+    version: str = "v1.0-trainval"
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
+    xbound: tuple[float, float, float] = CameraConfig.xbound  # the points are cut to the grid
+    ybound: tuple[float, float, float] = CameraConfig.ybound
+
+
+def write_nuscenes_example(opts: NuScenesExampleOptions) -> list[Path]:
+    """One nuScenes sample as the runtime's example-data folder: the six original JPEGs
+    (byte for byte), the rig matrices, the img_aug_matrix for ``image_size`` and the key frame's
+    points with its sweeps (float16, cut to the grid). Written as a whole or not at all."""
+    tables = Tables(opts.dataroot, opts.version)
+    if opts.token not in tables.sample:
+        raise LeanError(f"{Path(opts.dataroot) / opts.version}: no sample {opts.token!r}; "
+                        "pass a token from its sample.json")
+    plan = tables.plan(opts.token)
+    del tables
+    images, augs = [], []
+    for camera in plan.cameras:
+        path = Path(opts.dataroot) / camera.path
+        img = read_image(path)
+        try:
+            augs.append(image_aug(img.size, opts.image_size)[2])
+        except LeanError as e:
+            raise LeanError(f"{path}: {e}") from None
+        images.append(read_regular(path, MAX_IMAGE_BYTES, "JPEG image"))
+    points = sample_points(opts.dataroot, plan, opts.xbound, opts.ybound)
+    with output_folder(Path(opts.out), (*EXAMPLE_FILES, *image_file_names(len(images)))) as staging:
+        written = write_example(staging, images, img_aug_matrix=np.stack(augs)[None], points=points,
+                                **rig_matrices(plan))
+    return [Path(opts.out) / p.name for p in written]
+
+
+def _parser():
+    p = cli.new_parser("One dataset sample as the runtime's example-data folder:\n\n"
+                       "    python -m lean.data nuscenes DATAROOT SAMPLE_TOKEN --out DIR")
+    p.add_argument("source", choices=("nuscenes",), help="the dataset's format")
+    p.add_argument("dataroot", type=Path, help="nuScenes folder (holds samples/, sweeps/, v1.0-*/)")
+    p.add_argument("token", help="sample token (from sample.json)")
+    p.add_argument("--out", type=Path, required=True, help="example-data folder to write (replaced as a whole)")
+    p.add_argument("--version", choices=VERSIONS, default="v1.0-trainval", help="table version (default v1.0-trainval)")
+    p.add_argument("--image-size", default="256x704", help="network input HxW of img_aug_matrix (default 256x704)")
+    return p
+
+
+def _main(args) -> None:
+    opts = NuScenesExampleOptions(args.dataroot, args.token, args.out, args.version, parse_image_size(args.image_size))
+    files = write_nuscenes_example(opts)
+    print(f"wrote {len(files)} files ({len(CAMERA_CHANNELS)} cameras) to {cli.one_line(args.out)}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(_main, _parser()))

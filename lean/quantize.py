@@ -7,10 +7,8 @@ with every quantizer's amax in the project's format.
 
 from __future__ import annotations
 
-import itertools
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +16,12 @@ import lean
 from lean.build import build_folded, resolve_config, resolve_device, versions
 from lean.checkpoint import read_checkpoint, save_checkpoint
 from lean.config import DEFAULT_DATA, DEMO_FLOAT_CKPT, DEMO_PTQ_CKPT
-from lean.data import MATRIX_FILES, load_inputs
+from lean.data import MATRIX_FILES
 from lean.errors import LeanError
 from lean.io import clean_stale, ensure_writable
+from lean.loader import FrameSet, Stream, folder_set, nuscenes_set
 from lean.log import logger
+from lean.nuscenes import DEFAULT_SAMPLES, DEFAULT_SPLIT, SWEEPS, plan_samples
 from lean.quant.modelopt import calibrate, insert_quantizers, quant_config
 
 
@@ -30,8 +30,14 @@ class PTQOptions:
     ckpt: Path = DEMO_FLOAT_CKPT
     out: Path = DEMO_PTQ_CKPT
     data: Path = DEFAULT_DATA  # an example-data folder, or a folder of them (one sample each)
+    nuscenes: Path | None = None  # a nuScenes dataroot instead of ``data``
+    version: str = "v1.0-trainval"
+    split: str | None = None  # None: the version's default (val, test, mini_val)
+    samples: int = DEFAULT_SAMPLES  # nuScenes samples, spread over the split's scenes
+    seed: int = 0  # which samples
     method: str = "mse"
     batches: int | None = None  # None: one per sample
+    workers: int | None = None  # loader processes; None: one per CPU less one
     device: str = "auto"
     cameras: int | None = None
     quantize_downsample: bool = False
@@ -56,10 +62,12 @@ def run_ptq(opts: PTQOptions) -> dict:
     """Calibrate and write ``opts.out``; returns the metadata saved with it."""
     quant_config(opts.method)  # a bad method is a one-line error before any work
     device = resolve_device(opts.device)
-    folders = calibration_folders(opts.data)
-    batches = len(folders) if opts.batches is None else opts.batches
-    if batches < 1:
-        raise LeanError(f"--batches must be at least 1, got {batches}")
+    _check_counts(opts)
+    if opts.nuscenes is None:
+        calibration_folders(opts.data)  # a bad --data is a one-line error before any work
+    elif not Path(opts.nuscenes).is_dir():
+        raise LeanError(f"--nuscenes {opts.nuscenes} is not a folder: pass the nuScenes folder that holds "
+                        "samples/, sweeps/ and the v1.0-* table folders")
     out = Path(opts.out)
     if out.is_dir():
         raise LeanError(f"--out {out} is a folder: pass the .pth file to write, e.g. {out / 'bevfusion_ptq.pth'}")
@@ -71,20 +79,23 @@ def run_ptq(opts: PTQOptions) -> dict:
         raise LeanError(f"{opts.ckpt} is already quantized ({ckpt.source}): PTQ starts from a float checkpoint")
     cfg = resolve_config(ckpt, cameras=opts.cameras)
     model = build_folded(cfg, ckpt.state_dict, f"checkpoint {opts.ckpt}")
+    frames, source = calibration_set(opts, cfg)
+    batches = len(frames) if opts.batches is None else opts.batches
     model = insert_quantizers(model, opts.method, opts.quantize_downsample).to(device)
+    stream = Stream(frames, batches, device, opts.workers)
 
-    def samples() -> Iterator:
-        # Each sample is read when needed, so hundreds of calibration folders never sit in memory.
-        for folder in itertools.islice(itertools.cycle(folders), batches):
-            sample, img, depth = load_inputs(folder, cfg)
-            yield img.to(device), None if depth is None else depth.to(device), sample
+    def samples():
+        for frame in stream:
+            img, depth = frame.inputs()
+            yield img, depth, frame
 
+    logger.info("calibrating on %d samples of %s with %d loader processes", batches, source["data"], stream.workers)
     t = time.perf_counter()
     with _progress(batches, f"calibrating ({opts.method})", opts.progress) as bar:  # closed before any error prints
         seen = calibrate(model, samples(), opts.method, progress=lambda n: bar.update(1))
     seconds = time.perf_counter() - t
     meta = {
-        "calibration": {"method": opts.method, "batches": seen, "samples": len(folders), "data": str(opts.data),
+        "calibration": {"method": opts.method, "batches": seen, "samples": len(frames), **source,
                         # No wall time: two runs of the same calibration write the same bytes.
                         "quantize_downsample": opts.quantize_downsample, "device": str(device)},
         "source": {"path": str(opts.ckpt), "sha256": ckpt.sha256, "format": ckpt.source},
@@ -94,11 +105,34 @@ def run_ptq(opts: PTQOptions) -> dict:
     if "note" in ckpt.meta:
         meta["note"] = ckpt.meta["note"]
     save_checkpoint(opts.out, model.state_dict(), "ptq", cfg, meta)
-    logger.info("wrote %s (%d batches in %.1fs)", opts.out, seen, seconds)
+    logger.info("wrote %s (%d samples in %.1f s, %.1f samples/s; %.1f s of it waiting for data)",
+                opts.out, seen, seconds, seen / seconds, stream.waited)
     return meta
+
+
+def _check_counts(opts: PTQOptions) -> None:
+    for flag, value, least in (("--batches", opts.batches, 1), ("--samples", opts.samples, 1),
+                               ("--workers", opts.workers, 0)):
+        if value is not None and value < least:
+            raise LeanError(f"{flag} must be at least {least}, got {value}")
+
+
+def calibration_set(opts: PTQOptions, cfg) -> tuple[FrameSet, dict]:
+    """The calibration samples of ``opts`` and how the checkpoint's metadata names them."""
+    if opts.nuscenes is None:
+        folders = calibration_folders(opts.data)
+        return folder_set(folders, cfg), {"data": str(opts.data)}
+    logger.info("reading the nuScenes tables of %s (%s)", opts.nuscenes, opts.version)
+    plans = plan_samples(opts.nuscenes, opts.version, opts.split, opts.samples, opts.seed, SWEEPS)
+    scenes = len({p.scene for p in plans})
+    logger.info("%d samples from %d scenes", len(plans), scenes)
+    return nuscenes_set(opts.nuscenes, plans, cfg), {
+        "data": str(opts.nuscenes), "nuscenes": {"version": opts.version, "split": opts.split or DEFAULT_SPLIT[opts.version],
+                                                 "seed": opts.seed,
+                                                 "scenes": scenes, "tokens": [p.token for p in plans]}}
 
 
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="batch", disable=not enabled, file=sys.stderr)
+    return tqdm(total=total, desc=desc, unit="sample", disable=not enabled, file=sys.stderr)

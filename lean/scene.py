@@ -11,7 +11,9 @@ z forward.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -23,7 +25,10 @@ from torch import nn
 from lean.bev import pool_to_bev
 from lean.checkpoint import DEMO_NOTE, save_official
 from lean.config import DEFAULT_DATA, DEMO_FLOAT_CKPT, CameraConfig
-from lean.data import image_aug, load_example, write_example
+from lean.data import MATRIX_FILES, POINTS_FILE, image_aug, image_file_names, load_example, write_example
+from lean.io import write_bytes, write_text
+from lean.nuscenes import CAMERA_CHANNELS, LIDAR_CHANNEL, pose_matrix
+from lean.tensorfile import read_tensor
 from lean.geometry import depth_image
 from lean.models import build_camera
 
@@ -233,6 +238,140 @@ def make_scene(folder, n_cameras: int = 6) -> list[Path]:
     images = [render_camera(rig, i, boxes)[0] for i in range(n_cameras)]
     points, _ = lidar_scan(boxes)
     return write_example(folder, images, *rig, points)
+
+
+# -- the scene as a nuScenes tree ------------------------------------------------------------------
+# For tests and benchmarks of the nuScenes reader: the tables, files and poses of a small
+# dataset, every sample showing the example scene. The ego drives and turns, the cameras fire
+# a few milliseconds after the lidar, and each sweep's points are stored in its own sensor frame
+# at its own pose, so that moving them into the key frame puts them back on the scene.
+
+LIDAR2EGO = ((0.94, 0.0, 1.84), 90.0)  # translation, yaw (deg): nuScenes' LIDAR_TOP is mounted turned
+KEY_PERIOD_US, SWEEP_PERIOD_US = 500_000, 50_000  # 2 Hz key frames, 20 Hz lidar
+CAMERA_DELAY_US = 7_000  # camera i fires (i + 1) x this after the lidar key frame
+
+
+def yaw_quaternion(deg: float) -> list[float]:
+    h = math.radians(deg) / 2
+    return [math.cos(h), 0.0, 0.0, math.sin(h)]
+
+
+def matrix_quaternion(r: np.ndarray) -> list[float]:
+    """(w, x, y, z) of a 3x3 rotation (Shepperd's method, largest pivot first)."""
+    t = np.trace(r)
+    cases = [t, r[0, 0], r[1, 1], r[2, 2]]
+    k = int(np.argmax(cases))
+    if k == 0:
+        w = math.sqrt(1 + t) / 2
+        q = [w, (r[2, 1] - r[1, 2]) / (4 * w), (r[0, 2] - r[2, 0]) / (4 * w), (r[1, 0] - r[0, 1]) / (4 * w)]
+    else:
+        i, j, m = k - 1, k % 3, (k + 1) % 3
+        v = [0.0, 0.0, 0.0]
+        v[i] = math.sqrt(1 + r[i, i] - r[j, j] - r[m, m]) / 2
+        v[j] = (r[j, i] + r[i, j]) / (4 * v[i])
+        v[m] = (r[m, i] + r[i, m]) / (4 * v[i])
+        q = [(r[m, j] - r[j, m]) / (4 * v[i]), *v]
+    return list(np.asarray(q) * (1 if q[0] >= 0 else -1))
+
+
+def ego_pose(t_us: int) -> tuple[list[float], list[float]]:
+    """The ego's pose at ``t_us``: driving at 5 m/s while turning at 2 deg/s."""
+    t = t_us / 1e6
+    return [100.0 + 5.0 * t, 50.0 + 0.5 * t, 0.1], yaw_quaternion(10.0 + 2.0 * t)
+
+
+def _token(*parts) -> str:
+    return "_".join(map(str, parts))
+
+
+def make_nuscenes_tree(root, example=DEFAULT_DATA, scenes: int = 2, samples_per_scene: int = 3,
+                       sweeps_between: int = 9, version: str = "v1.0-mini", start_scene: int = 1) -> Path:
+    """Write a nuScenes-format tree of ``scenes`` scenes (named scene-0001, ...; pass
+    ``start_scene`` 103 with v1.0-mini for mini_val's names) whose samples all show the
+    example-data folder ``example`` (six cameras). Images are hard links to its JPEGs; lidar files
+    are written. Returns ``root``."""
+    root, example = Path(root), Path(example)
+    c2l = read_tensor(example / f"{MATRIX_FILES[0]}.tensor")[0].astype(np.float64)
+    intrinsics = read_tensor(example / f"{MATRIX_FILES[1]}.tensor")[0].astype(np.float64)
+    if len(c2l) != len(CAMERA_CHANNELS):
+        raise ValueError(f"{example} has {len(c2l)} cameras; the tree needs {len(CAMERA_CHANNELS)}")
+    points = read_tensor(example / POINTS_FILE).astype(np.float32)
+    images = [example / name for name in image_file_names(len(c2l))]
+    lidar2ego = pose_matrix(LIDAR2EGO[0], yaw_quaternion(LIDAR2EGO[1]))
+
+    tables = {name: [] for name in ("scene", "sample", "sample_data", "calibrated_sensor", "ego_pose", "sensor", "log")}
+    sensors = {}
+    for channel in (*CAMERA_CHANNELS, LIDAR_CHANNEL):
+        sensors[channel] = _token("sensor", channel)
+        tables["sensor"].append({"token": sensors[channel], "channel": channel,
+                                 "modality": "lidar" if channel == LIDAR_CHANNEL else "camera"})
+    calibrated = {LIDAR_CHANNEL: _token("calib", LIDAR_CHANNEL)}
+    tables["calibrated_sensor"].append({"token": calibrated[LIDAR_CHANNEL], "sensor_token": sensors[LIDAR_CHANNEL],
+                                        "translation": list(LIDAR2EGO[0]), "rotation": yaw_quaternion(LIDAR2EGO[1]),
+                                        "camera_intrinsic": []})
+    for i, channel in enumerate(CAMERA_CHANNELS):
+        cam2ego = lidar2ego @ c2l[i]
+        calibrated[channel] = _token("calib", channel)
+        tables["calibrated_sensor"].append({"token": calibrated[channel], "sensor_token": sensors[channel],
+                                            "translation": cam2ego[:3, 3].tolist(),
+                                            "rotation": matrix_quaternion(cam2ego[:3, :3]),
+                                            "camera_intrinsic": intrinsics[i, :3, :3].tolist()})
+
+    def sensor_to_global(t_us, channel):
+        et, er = ego_pose(t_us)
+        cs = next(c for c in tables["calibrated_sensor"] if c["token"] == calibrated[channel])
+        return pose_matrix(et, er) @ pose_matrix(cs["translation"], cs["rotation"])
+
+    def add_data(sample, channel, t_us, key, prev, folder, suffix):
+        token = _token("sd", channel, t_us)
+        et, er = ego_pose(t_us)
+        pose = _token("pose", channel, t_us)
+        tables["ego_pose"].append({"token": pose, "timestamp": t_us, "translation": et, "rotation": er})
+        name = f"{folder}/{channel}/n015-synthetic__{channel}__{t_us}{suffix}"
+        tables["sample_data"].append({
+            "token": token, "sample_token": sample, "ego_pose_token": pose,
+            "calibrated_sensor_token": calibrated[channel], "timestamp": t_us, "fileformat": suffix.split(".")[1],
+            "is_key_frame": key, "height": 900 if suffix == ".jpg" else 0, "width": 1600 if suffix == ".jpg" else 0,
+            "filename": name, "prev": prev, "next": ""})
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        return token, root / name
+
+    for s in range(scenes):
+        scene = _token("scene", s)
+        first = 1_532_402_927_000_000 + s * 3_600_000_000
+        sample_tokens = [_token("sample", s, k) for k in range(samples_per_scene)]
+        tables["scene"].append({"token": scene, "name": f"scene-{start_scene + s:04d}", "log_token": "",
+                                "nbr_samples": samples_per_scene, "first_sample_token": sample_tokens[0],
+                                "last_sample_token": sample_tokens[-1], "description": "synthetic"})
+        prev_lidar = ""
+        for k, sample in enumerate(sample_tokens):
+            key_us = first + k * KEY_PERIOD_US
+            tables["sample"].append({"token": sample, "timestamp": key_us, "scene_token": scene,
+                                     "prev": sample_tokens[k - 1] if k else "",
+                                     "next": sample_tokens[k + 1] if k + 1 < samples_per_scene else ""})
+            key_to_global = sensor_to_global(key_us, LIDAR_CHANNEL)
+            if k:  # sweeps since the previous key frame, oldest first
+                for j in range(sweeps_between, 0, -1):
+                    t_us = key_us - j * SWEEP_PERIOD_US
+                    prev_lidar, path = add_data(sample_tokens[k - 1], LIDAR_CHANNEL, t_us, False, prev_lidar,
+                                                "sweeps", ".pcd.bin")
+                    # The scene's points, as this sweep's sensor saw them from its pose.
+                    to_sweep = np.linalg.inv(sensor_to_global(t_us, LIDAR_CHANNEL)) @ key_to_global
+                    moved = points.copy()
+                    moved[:, :3] = points[:, :3] @ to_sweep[:3, :3].T.astype(np.float32) + to_sweep[:3, 3].astype(np.float32)
+                    write_bytes(path, moved.astype(np.float32).tobytes())
+            prev_lidar, path = add_data(sample, LIDAR_CHANNEL, key_us, True, prev_lidar, "samples", ".pcd.bin")
+            write_bytes(path, points.tobytes())
+            for i, channel in enumerate(CAMERA_CHANNELS):
+                _, path = add_data(sample, channel, key_us + (i + 1) * CAMERA_DELAY_US, True, "", "samples", ".jpg")
+                if path.exists():
+                    path.unlink()
+                os.link(images[i], path)
+    folder = root / version
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, records in tables.items():
+        write_text(folder / f"{name}.json", json.dumps(records))
+    return root
 
 
 # -- the demo float checkpoint -----------------------------------------------------------------
