@@ -44,6 +44,59 @@ def run_child(args: list[str]) -> tuple[str, float, float]:
         return out.read(), wall, usage.ru_maxrss / 1024
 
 
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` and all its descendants now (MB; shared pages count in each)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            pass
+    return total / 2**20
+
+
+def ptq_memory(ckpt, tree: Path, samples: int, device: str, method: str) -> dict:
+    """The real CLI on ``samples`` nuScenes samples: wall time, the largest process's peak RSS
+    (the calibration process or one loader worker) and the whole process tree's RSS, sampled."""
+    import threading
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [sys.executable, "-m", "lean.ptq", "--ckpt", str(ckpt), "--out", str(Path(tmp) / "ptq.pth"),
+                "--nuscenes", str(tree), "--version", "v1.0-test", "--samples", str(samples),
+                "--method", method, "--device", device]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        peak_tree = [0.0]
+        with tempfile.TemporaryFile("w+") as err:
+            t = time.perf_counter()
+            proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+            done = threading.Event()
+
+            def sample():
+                while not done.wait(0.2):
+                    peak_tree[0] = max(peak_tree[0], tree_rss_mb(proc.pid))
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            _, status, usage = os.wait4(proc.pid, 0)
+            done.set()
+            sampler.join()
+            wall = time.perf_counter() - t
+            if os.waitstatus_to_exitcode(status):
+                err.seek(0)
+                raise SystemExit(f"lean.ptq failed:\n{err.read()[-3000:]}")
+    return {"samples": samples, "wall_s": wall, "largest_process_peak_rss_mb": usage.ru_maxrss / 1024,
+            "process_tree_peak_rss_mb": peak_tree[0]}
+
+
 def measure(*args) -> dict:
     """One ``bench.measure`` measurement in its own process, with that process's wall time."""
     stdout, wall, _ = run_child([sys.executable, "-m", "bench.measure", *map(str, args)])
@@ -99,12 +152,27 @@ def table(res: dict) -> str:
         if key in res:
             c = res[key]
             first = f"; first batch {c['first_batch_s']:.2f} s incl. setup"
+            if "amax_s" in c:
+                first += f", amax searches {c['amax_s']:.2f} s"
             if "overhead_vs_graphed" in c:
                 first += (f"; {c['overhead_vs_graphed'] * 100:+.0f}% against the plain forward as a CUDA graph "
                           f"({c['graphed_plain_forward_s'] * 1000:.1f} ms)")
             rows.append(f"| calibration ({method}), per batch of 6 images | {c['samples_per_s']:.2f} samples/s, "
                         f"overhead {c['overhead'] * 100:.0f}% over a plain forward ({c['plain_forward_s'] * 1000:.1f} ms){first} "
                         f"| {'GPU < {:.0%}'.format(TARGETS['gpu_calibration_overhead']) if key == 'calibration' else ''} |")
+    if "ptq_throughput" in res:
+        t = res["ptq_throughput"]
+        rows.append(f"| PTQ end to end from a nuScenes tree on disk ({t['method']}, {t['samples']} samples, "
+                    f"{t['workers']} loader processes) | {t['end_to_end_samples_per_s']:.1f} samples/s; the loader alone "
+                    f"{t['loader_samples_per_s']:.1f} samples/s; calibration waited for data "
+                    f"{t['waited_for_data_share'] * 100:.0f}% of the time; whole run {t['whole_run_s']:.1f} s "
+                    f"| {'GPU >= 100 samples/s' if res['device'] == 'cuda' else ''} |")
+    if "ptq_memory" in res:
+        runs = res["ptq_memory"]
+        rows.append("| `lean.ptq --nuscenes` memory by sample count (largest process peak / process tree peak) | "
+                    + "; ".join(f"{m['samples']}: {m['largest_process_peak_rss_mb']:.0f} / "
+                                f"{m['process_tree_peak_rss_mb']:.0f} MB in {m['wall_s']:.0f} s" for m in runs)
+                    + " | flat |")
     for name, lat in res["latency"].items():
         fid = lat["vs_float_pytorch"]["camera_feature"]
         rows.append(f"| ORT CPU latency, {name} backbone graph | {lat['median_s'] * 1000:.0f} ms (median of {lat['runs']}) | "
@@ -138,6 +206,7 @@ class BenchOptions:
     float_ckpt: Path = DEMO_FLOAT_CKPT
     data: Path = DEFAULT_DATA
     device: str = "cpu"
+    parts: tuple[str, ...] = ()  # empty: all of PARTS
 
 
 def render(results: Path) -> None:
@@ -151,37 +220,71 @@ def render(results: Path) -> None:
     update_markdown(res["machine"], device_text, table(res))
 
 
+# Samples of the end-to-end PTQ run and of the memory runs: a CPU calibrates a sample in seconds.
+THROUGHPUT_SAMPLES = {"cuda": 300, "cpu": 8}
+MEMORY_SAMPLES = {"cuda": (50, 100, 200, 300), "cpu": (4, 8, 16)}
+
+
+def nuscenes_bench(opts: BenchOptions, tmp: Path) -> dict:
+    """A synthetic nuScenes tree (``lean.scene``; 30 samples a scene, 9 sweeps between key frames) on
+    disk, then end-to-end PTQ throughput from it and the memory of PTQ runs of growing size."""
+    from lean.scene import make_nuscenes_tree
+
+    largest = max(THROUGHPUT_SAMPLES[opts.device], *MEMORY_SAMPLES[opts.device])
+    tree = make_nuscenes_tree(tmp / "nuscenes", opts.data, scenes=-(-largest // 30), samples_per_scene=30,
+                              version="v1.0-test")
+    out = {"ptq_throughput": measure("throughput", opts.float_ckpt, tree, opts.device,
+                                     THROUGHPUT_SAMPLES[opts.device])["result"]}
+    # max on the CPU: the memory is the point there, and mse calibration takes twice as long.
+    method = "mse" if opts.device == "cuda" else "max"
+    out["ptq_memory"] = [ptq_memory(opts.float_ckpt, tree, n, opts.device, method) for n in MEMORY_SAMPLES[opts.device]]
+    return out
+
+
+PARTS = ("export", "calibration", "nuscenes", "latency")
+
+
 def run_bench(opts: BenchOptions) -> str:
-    """Every measurement on ``opts.device``; writes the results file and the table, returns the table."""
+    """The measurements of ``opts.parts`` on ``opts.device``; the others are kept from the machine's
+    results file. Writes the results file and the table, returns the table."""
     name = machine_name(opts.device)
-    res = {"machine": name, "device": opts.device}
+    path = ROOT / "bench" / "results" / f"{name}.json"
+    parts = opts.parts or PARTS
+    res = json.loads(path.read_text()) if path.exists() and set(parts) != set(PARTS) else {}
+    res.update(machine=name, device=opts.device)
     with tempfile.TemporaryDirectory() as tmp:
         out8, out16 = Path(tmp) / "int8", Path(tmp) / "fp16"
-        runs = []
-        for i in range(EXPORT_RUNS):
-            print(f"export INT8 ({i + 1}/{EXPORT_RUNS}) ...", file=sys.stderr)
-            runs.append(export(opts.ckpt, out8, opts.data, "int8", opts.device))
-        res["export_int8"] = dict(sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2])  # the median run
-        res["export_int8"]["runs_wall_s"] = [r["wall_s"] for r in runs]
-        res["export_int8"]["runs_peak_rss_mb"] = [r["peak_rss_mb"] for r in runs]
-        print("export FP16 ...", file=sys.stderr)
-        res["export_fp16"] = export(opts.ckpt, out16, opts.data, "fp16", opts.device)
-        print("export INT8 for TensorRT 8 ...", file=sys.stderr)
-        res["export_int8_trt8"] = export(opts.ckpt, Path(tmp) / "int8-trt8", opts.data, "int8", opts.device, "8")
-        print("floor ...", file=sys.stderr)
-        floor = measure("floor", opts.ckpt, opts.data, opts.device)
-        res["floor"] = {**floor["result"], "process_wall_s": floor["process_wall_s"]}
-        res["export_vs_floor"] = export_vs_floor(res)
-        print("calibration ...", file=sys.stderr)
-        # A CPU forward takes seconds: fewer batches there.
-        batches = 8 if opts.device == "cuda" else 2
-        for key, method in (("calibration", "mse"), ("calibration_max", "max")):
-            res[key] = measure("calibration", opts.float_ckpt, opts.data, opts.device, method, batches)["result"]
-        print("ONNX Runtime latency ...", file=sys.stderr)
-        res["latency"] = measure("latency", json.dumps({"FP16 typed": str(out16), "INT8 Q/DQ typed": str(out8),
-                                            "INT8 Q/DQ classic": str(Path(tmp) / "int8-trt8")}),
-                                 opts.data, opts.ckpt)["result"]
-    if opts.device == "cpu":
+        if "export" in parts or "latency" in parts:
+            runs = []
+            for i in range(EXPORT_RUNS):
+                print(f"export INT8 ({i + 1}/{EXPORT_RUNS}) ...", file=sys.stderr)
+                runs.append(export(opts.ckpt, out8, opts.data, "int8", opts.device))
+            res["export_int8"] = dict(sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2])  # the median run
+            res["export_int8"]["runs_wall_s"] = [r["wall_s"] for r in runs]
+            res["export_int8"]["runs_peak_rss_mb"] = [r["peak_rss_mb"] for r in runs]
+            print("export FP16 ...", file=sys.stderr)
+            res["export_fp16"] = export(opts.ckpt, out16, opts.data, "fp16", opts.device)
+            print("export INT8 for TensorRT 8 ...", file=sys.stderr)
+            res["export_int8_trt8"] = export(opts.ckpt, Path(tmp) / "int8-trt8", opts.data, "int8", opts.device, "8")
+            print("floor ...", file=sys.stderr)
+            floor = measure("floor", opts.ckpt, opts.data, opts.device)
+            res["floor"] = {**floor["result"], "process_wall_s": floor["process_wall_s"]}
+            res["export_vs_floor"] = export_vs_floor(res)
+        if "calibration" in parts:
+            print("calibration ...", file=sys.stderr)
+            # A CPU forward takes seconds: fewer batches there.
+            batches = 40 if opts.device == "cuda" else 2
+            for key, method in (("calibration", "mse"), ("calibration_max", "max")):
+                res[key] = measure("calibration", opts.float_ckpt, opts.data, opts.device, method, batches)["result"]
+        if "nuscenes" in parts:
+            print("PTQ from a nuScenes tree on disk ...", file=sys.stderr)
+            res.update(nuscenes_bench(opts, Path(tmp)))
+        if "latency" in parts:
+            print("ONNX Runtime latency ...", file=sys.stderr)
+            res["latency"] = measure("latency", json.dumps({"FP16 typed": str(out16), "INT8 Q/DQ typed": str(out8),
+                                                "INT8 Q/DQ classic": str(Path(tmp) / "int8-trt8")}),
+                                     opts.data, opts.ckpt)["result"]
+    if opts.device == "cpu" and "export" in parts:
         from bench.bev_pool import run as bev_pool
 
         res["bev_pool"] = bev_pool()
@@ -190,7 +293,7 @@ def run_bench(opts: BenchOptions) -> str:
     device_text = (f"Device: {torch.cuda.get_device_name()}" if opts.device == "cuda"
                    else f"Device: CPU, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
     device_text += f"; torch {torch.__version__}, Python {platform.python_version()}."
-    write_text(ROOT / "bench" / "results" / f"{name}.json", json.dumps(res, indent=2) + "\n")
+    write_text(path, json.dumps(res, indent=2) + "\n")
     text = table(res)
     update_markdown(name, device_text, text)
     return text

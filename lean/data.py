@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,20 +279,24 @@ RIG_FIELDS = ("camera2lidar", "camera_intrinsics", "lidar2image", "img_aug_matri
 @dataclass
 class Frame:
     """One calibration sample as a loader worker makes it: the images resized and cropped but
-    still uint8 (a quarter of the bytes to pin and copy; ``normalize`` runs on the device), the
-    depth image drawn from the points, and the rig (``lean.bev.pool_to_bev`` reads it)."""
+    still uint8 (a quarter of the bytes to copy; ``normalize`` runs on the device), the depth
+    image as its drawn pixels only (a few thousand of a million), and the rig (``lean.bev``'s
+    ``pool_to_bev`` reads it). Workers hand frames of numpy arrays, which travel through the
+    loader's queue by value: no shared-memory file descriptor per tensor, whose hand-over broke
+    under 15 workers (BENCHMARKS.md). ``to`` makes them tensors on a device."""
 
     name: str  # the folder or the nuScenes sample token, for messages
-    img: torch.Tensor  # [1,N,3,H,W] uint8
-    depth: torch.Tensor | None  # [1,N,1,H,W] float32; None for a camera-only branch
-    camera2lidar: torch.Tensor  # [1,N,4,4] each
-    camera_intrinsics: torch.Tensor
-    lidar2image: torch.Tensor
-    img_aug_matrix: torch.Tensor
+    img: np.ndarray | torch.Tensor  # [1,N,3,H,W] uint8
+    depth_shape: tuple[int, ...] | None  # [1,N,1,H,W]; None for a camera-only branch
+    depth_index: np.ndarray | torch.Tensor  # flat indices of the drawn pixels, int64
+    depth_value: np.ndarray | torch.Tensor  # their depths, float32
+    camera2lidar: np.ndarray | torch.Tensor  # [1,N,4,4] each
+    camera_intrinsics: np.ndarray | torch.Tensor
+    lidar2image: np.ndarray | torch.Tensor
+    img_aug_matrix: np.ndarray | torch.Tensor
 
     def _map(self, fn) -> "Frame":
-        tensors = {f: fn(getattr(self, f)) for f in ("img", *RIG_FIELDS)}
-        return dataclasses.replace(self, depth=None if self.depth is None else fn(self.depth), **tensors)
+        return dataclasses.replace(self, **{f: fn(torch.as_tensor(getattr(self, f))) for f in ARRAY_FIELDS})
 
     def pin_memory(self) -> "Frame":  # called by the DataLoader's pinning thread
         return self._map(torch.Tensor.pin_memory)
@@ -300,15 +305,27 @@ class Frame:
         return self._map(lambda t: t.to(device, non_blocking=True))
 
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The backbone's (img, depth), normalized where the frame is."""
-        return normalize(self.img), self.depth
+        """The backbone's (img, depth), made where the frame is (call ``to`` first)."""
+        img = torch.as_tensor(self.img)
+        if self.depth_shape is None:
+            return normalize(img), None
+        depth = torch.zeros(math.prod(self.depth_shape), dtype=torch.float32, device=img.device)
+        depth[torch.as_tensor(self.depth_index)] = torch.as_tensor(self.depth_value)  # no host sync
+        return normalize(img), depth.view(self.depth_shape)
+
+
+ARRAY_FIELDS = ("img", "depth_index", "depth_value", *RIG_FIELDS)
 
 
 def _frame(name: str, pixels, points, rig: dict, cfg: CameraConfig) -> Frame:
-    depth = None
+    index, value, shape = np.zeros(0, np.int64), np.zeros(0, np.float32), None
     if cfg.uses_depth:
         depth = depth_image(points, rig["lidar2image"], rig["img_aug_matrix"], cfg.image_size)
-    return Frame(name, pixels, depth, **{f: rig[f].float() for f in RIG_FIELDS})
+        shape = tuple(depth.shape)
+        flat = depth.view(-1)
+        drawn = flat.nonzero().view(-1)
+        index, value = drawn.numpy(), flat[drawn].numpy()
+    return Frame(name, pixels.numpy(), shape, index, value, **{f: rig[f].float().numpy() for f in RIG_FIELDS})
 
 
 def folder_frame(folder, cfg: CameraConfig) -> Frame:

@@ -125,9 +125,12 @@ def calibration_set(opts: PTQOptions, cfg) -> tuple[FrameSet, dict]:
     logger.info("reading the nuScenes tables of %s (%s)", opts.nuscenes, opts.version)
     plans = plan_samples(opts.nuscenes, opts.version, opts.split, opts.samples, opts.seed, SWEEPS)
     scenes = len({p.scene for p in plans})
+    split = opts.split or DEFAULT_SPLIT[opts.version]
+    if len(plans) < opts.samples:
+        logger.warning("split %s holds %d samples; calibrating on all of them", split, len(plans))
     logger.info("%d samples from %d scenes", len(plans), scenes)
     return nuscenes_set(opts.nuscenes, plans, cfg), {
-        "data": str(opts.nuscenes), "nuscenes": {"version": opts.version, "split": opts.split or DEFAULT_SPLIT[opts.version],
+        "data": str(opts.nuscenes), "nuscenes": {"version": opts.version, "split": split,
                                                  "seed": opts.seed,
                                                  "scenes": scenes, "tokens": [p.token for p in plans]}}
 

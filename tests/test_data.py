@@ -247,3 +247,50 @@ def test_write_example_checks_matrix_count(tmp_path):
     rig = make_rig(6)
     with pytest.raises(LeanError):
         write_example(tmp_path, [np.zeros((900, 1600, 3), np.uint8)] * 5, *rig, np.zeros((3, 5)))
+
+
+# -- calibration frames and the nuScenes example writer ------------------------------------------
+
+
+def test_frame_equals_the_runtime_preprocessing(example_dir):
+    from helpers import SMALL
+    from lean.data import folder_frame, load_inputs
+
+    frame = folder_frame(example_dir, SMALL)
+    assert frame.img.dtype == np.uint8 and frame.depth_index.dtype == np.int64
+    img, depth = frame.to("cpu").inputs()
+    _, want_img, want_depth = load_inputs(example_dir, SMALL)
+    assert torch.equal(img, want_img) and torch.equal(depth, want_depth)
+
+
+def test_nuscenes_sample_as_an_example_folder(tmp_path, example_dir):
+    """``python -m lean.data nuscenes`` writes a folder the runtime layout reader takes, whose
+    images are the original JPEGs and whose frame equals the loader's frame of that sample."""
+    from helpers import SMALL, python
+    from lean.data import folder_frame, nuscenes_frame
+    from lean.nuscenes import Tables
+    from lean.scene import make_nuscenes_tree
+
+    tree = make_nuscenes_tree(tmp_path / "ns", example_dir, scenes=1, samples_per_scene=2, sweeps_between=2,
+                              version="v1.0-mini", start_scene=103)
+    out = tmp_path / "sample"
+    r = python("-m", "lean.data", "nuscenes", tree, "sample_0_1", "--out", out, "--version", "v1.0-mini",
+               "--image-size", "64x176")
+    assert r.returncode == 0, r.stderr
+    assert "wrote 11 files" in r.stdout
+    plan = Tables(tree, "v1.0-mini").plan("sample_0_1")
+    assert (out / "0-FRONT.jpg").read_bytes() == (tree / plan.cameras[0].path).read_bytes()
+    from_folder = folder_frame(out, SMALL).to("cpu")
+    from_tree = nuscenes_frame(tree, plan, SMALL).to("cpu")
+    assert torch.equal(from_folder.img, from_tree.img)
+    for name in ("camera2lidar", "camera_intrinsics", "lidar2image", "img_aug_matrix"):
+        assert torch.allclose(getattr(from_folder, name), getattr(from_tree, name)), name
+    # points are stored as float16 in the runtime's layout: a few land on a neighbouring pixel
+    a, b = from_folder.inputs()[1], from_tree.inputs()[1]
+    both = (a > 0) & (b > 0)
+    assert ((a > 0) == (b > 0)).float().mean() > 0.99 and both.sum() > 100
+    assert (a[both] - b[both]).abs().median() < 0.05
+
+    r = python("-m", "lean.data", "nuscenes", tree, "nope", "--out", out, "--version", "v1.0-mini")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "no sample 'nope'" in r.stderr
+    assert (out / "0-FRONT.jpg").exists()  # the earlier folder stays
