@@ -84,7 +84,10 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     (the streaming calibration normalizes on the GPU)."""
     mean = torch.as_tensor(MEAN, device=pixels.device).view(3, 1, 1)
     std = torch.as_tensor(STD, device=pixels.device).view(3, 1, 1)
-    return (pixels.float() / 255.0 - mean) / std
+    # A tensor divisor, not the number: CUDA turns division by a host scalar into multiplication
+    # by its reciprocal, one rounding off the runtime's (and this CPU's) division.
+    full_scale = torch.full((), 255.0, device=pixels.device)
+    return (pixels.float() / full_scale - mean) / std
 
 
 def preprocess_image(img: Image.Image, image_size=DEFAULT_IMAGE_SIZE) -> tuple[torch.Tensor, np.ndarray]:

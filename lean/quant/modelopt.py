@@ -241,7 +241,9 @@ class _CapturedForward:
         static = tuple(t.clone() for t in inputs)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: the data loader's pinning thread allocates pinned memory meanwhile,
+            # which a global capture would refuse ("operation not permitted when stream is capturing").
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 outputs = forward(*static)
         except Exception as e:  # noqa: BLE001 - capture is an optimization; calibrate eagerly instead
             logger.warning("CUDA graph capture failed (%s: %s); calibrating without it", type(e).__name__, e)
