@@ -282,8 +282,7 @@ def sample_points(dataroot, plan: SamplePlan, xbound, ybound, z_range=POINT_Z_RA
         if i:
             close = (np.abs(points[:, 0]) < CLOSE_RADIUS) & (np.abs(points[:, 1]) < CLOSE_RADIUS)
             points = points[~close]
-            # Row by row, not ``points @ R.T``: a BLAS matmul here starts a thread per core in every
-            # loader worker, and 15 workers on 16 cores then ran at a third of their speed.
+            # Row by row, not ``points @ R.T``: no BLAS thread pool in each loader worker.
             xyz = points[:, :3].astype(np.float64)
             m = frame.sensor2lidar
             for row in range(3):
