@@ -7,15 +7,9 @@ plugs into a ModelOpt ``TensorQuantizer`` in place of its calibrator and keeps e
 tensor's device:
 
 - the exact running max of |x| (one ``aminmax`` per tensor);
-- for histogram methods, a histogram of log2 |x| of every value with fixed bins, 32 per octave
-  over a window of 16 octaves placed once, from the first batch's max (12 below it, 4 above),
-  so no range ever has to be read back to re-bin. Every value, not a subsample: the rare large
-  values set the amax. The window is what makes the histogram cheap: ``torch.histc`` on CUDA
-  runs a block per 512 values and adds every bin of each block's histogram to the output with
-  a global atomic, so its cost grows with the bin count (2048 bins over 2^-32..2^32 before:
-  +89% over the forward on the H100, BENCHMARKS.md). Values below the window are below half an
-  INT8 step of every amax the mse search tries (max/16 and up): they round to zero for all of
-  them, add the same error to each, and cannot change its choice.
+- for histogram methods, a histogram of log2 |x| of every value with fixed bins (32 per octave
+  over 2^-32..2^32), so no range ever has to be read back to re-bin. Every value, not a
+  subsample: the rare large values set the amax.
 
 On CUDA the statistics can run on a side stream, beside the forward's convolutions.
 
@@ -25,25 +19,19 @@ graph and replayed for every batch (``lean.quant.modelopt.calibrate``).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from lean.errors import LeanError
-from lean.log import logger
 
-LOG2_RANGE = (-32.0, 32.0)  # the window when the first batch is all zeros
+LOG2_RANGE = (-32.0, 32.0)
 BINS_PER_OCTAVE = 32
 HIST_BINS = int(LOG2_RANGE[1] - LOG2_RANGE[0]) * BINS_PER_OCTAVE
-WINDOW_BELOW, WINDOW_ABOVE = 12, 4  # octaves under and over the first batch's max
-WINDOW_BINS = (WINDOW_BELOW + WINDOW_ABOVE) * BINS_PER_OCTAVE
 MSE_OCTAVES = 4  # amax candidates span max/16 .. max, as pytorch-quantization's start_bin=128 of 2048
 PERCENTILE = 99.99
 
 
-def log_edges(low: float = LOG2_RANGE[0], bins: int = HIST_BINS) -> torch.Tensor:
-    """Edges of ``bins`` log2 bins from 2^low, ``BINS_PER_OCTAVE`` per octave (float64)."""
-    return torch.pow(2.0, low + torch.arange(bins + 1, dtype=torch.float64) / BINS_PER_OCTAVE)
+def log_edges() -> torch.Tensor:
+    return torch.pow(2.0, torch.linspace(*LOG2_RANGE, HIST_BINS + 1, dtype=torch.float64))
 
 
 class RangeCollector:
@@ -57,7 +45,6 @@ class RangeCollector:
     def reset(self) -> None:
         self.amax = None
         self.hist = None
-        self.low, self.bins = LOG2_RANGE[0], HIST_BINS  # the window, placed by the first batch
         self.counted = None  # values offered to the histogram, zeros included (on the device: graph replays count)
 
     def collect(self, x: torch.Tensor) -> None:
@@ -74,20 +61,14 @@ class RangeCollector:
         m = torch.maximum(hi, -lo).float()
         if self.amax is None:
             self.amax = m.clone()
-            if self.histogram:
-                # The one host read of a collector, in the first batch, which always runs eagerly.
-                top = m.item()
-                if top > 0 and math.isfinite(top):
-                    self.low, self.bins = float(math.floor(math.log2(top)) - WINDOW_BELOW), WINDOW_BINS
-                self.hist = torch.zeros(self.bins, device=x.device)
+            self.hist = torch.zeros(HIST_BINS, device=x.device) if self.histogram else None
             self.counted = torch.zeros((), dtype=torch.float64, device=x.device)
         else:
             torch.maximum(self.amax, m, out=self.amax)  # in place: a captured graph updates the same tensor
         if self.histogram:
             self.counted.add_(x.numel())
-            # log2(0) = -inf falls outside the window: zeros are not binned (they quantize exactly).
-            high = self.low + self.bins / BINS_PER_OCTAVE
-            self.hist.add_(torch.histc(x.abs().float().log2_(), self.bins, self.low, high))
+            # log2(0) = -inf falls outside the range: zeros are not binned (they quantize exactly).
+            self.hist.add_(torch.histc(x.abs().float().log2_(), HIST_BINS, *LOG2_RANGE))
 
     def compute_amax(self, method: str = "max") -> torch.Tensor:
         if self.amax is None:
@@ -96,40 +77,32 @@ class RangeCollector:
         if method == "max" or exact.item() == 0:
             return exact.float()
         counts = self.hist.detach().cpu().double()
-        if exact.item() >= 2.0 ** (self.low + self.bins / BINS_PER_OCTAVE):
-            # Later batches went past the window (16x the first batch's max): its top is missing.
-            logger.warning("an activation grew past %.3g, 16x its first batch's max; its amax is the max",
-                           2.0 ** (self.low + self.bins / BINS_PER_OCTAVE))
-            return exact.float()
         if method == "mse":
-            return mse_log_amax(counts, exact.item(), self.low)
+            return mse_log_amax(counts, exact.item())
         if method == "percentile":
-            return percentile_amax(counts, self.counted.item(), exact.item(), low=self.low)
+            return percentile_amax(counts, self.counted.item(), exact.item())
         raise LeanError(f"calibration method {method!r} is not computed from a RangeCollector")
 
 
-def mse_log_amax(counts: torch.Tensor, exact_max: float, low: float = LOG2_RANGE[0]) -> torch.Tensor:
-    """``mse_amax`` on the log histogram whose first edge is 2^``low``: candidates from max/16 up to
-    the top bin, never above the max."""
+def mse_log_amax(counts: torch.Tensor, exact_max: float) -> torch.Tensor:
+    """``mse_amax`` on the log histogram: candidates from max/16 up to the top bin, never above the max."""
     nonzero = torch.nonzero(counts).flatten()
     if len(nonzero) == 0:
         return torch.tensor(exact_max, dtype=torch.float32)
     top = int(nonzero[-1])
     start = max(0, top - MSE_OCTAVES * BINS_PER_OCTAVE)
-    edges = log_edges(low, len(counts))
+    edges = log_edges()
     centers = torch.sqrt(edges[1:] * edges[:-1])  # geometric: the bins are even in log2
     best = mse_amax(counts[: top + 1], centers=centers[: top + 1], start_bin=start)
     return torch.clamp(best, max=exact_max).float()
 
 
-def percentile_amax(counts: torch.Tensor, total: int, exact_max: float, percentile: float = PERCENTILE,
-                    low: float = LOG2_RANGE[0]) -> torch.Tensor:
-    """Smallest bin edge below which ``percentile`` % of all values (zeros and values under the
-    window included) lie."""
+def percentile_amax(counts: torch.Tensor, total: int, exact_max: float, percentile: float = PERCENTILE) -> torch.Tensor:
+    """Smallest bin edge below which ``percentile`` % of all values (zeros included) lie."""
     zeros = max(total - counts.sum().item(), 0.0)
     cumulative = (zeros + torch.cumsum(counts, 0)) / max(total, 1)
     i = int(torch.searchsorted(cumulative, torch.tensor([percentile / 100.0], dtype=torch.float64)))
-    edge = log_edges(low, len(counts))[min(i + 1, len(counts))].item()
+    edge = log_edges()[min(i + 1, HIST_BINS)].item()
     return torch.tensor(min(edge, exact_max), dtype=torch.float32)
 
 
