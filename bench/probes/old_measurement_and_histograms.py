@@ -1,4 +1,4 @@
-"""Device probe (not shipped): why the old calibration figure is wrong, and what the histogram costs."""
+"""Device probe of session 5 (run at commit bdbe346, whose bench.measure.calibration was still the old differencing method): why the old calibration figure was noise, and what the histogram costs."""
 import gc
 import json
 import sys
