@@ -54,13 +54,20 @@ class Checkpoint:
         return sha256(self.path) if self.path else None
 
 
+def _is_zipfile(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except zipfile.BadZipFile as e:  # is_zipfile itself raises on a ZIP64 locator naming several disks
+        raise LeanError(f"checkpoint {path} is a damaged zip archive ({e}); save it again") from None
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise LeanError(f"checkpoint {path} does not exist: check the path, or run `make model` for the demo ones")
     if not path.is_file():
         raise LeanError(f"checkpoint {path} is not a regular file: pass the .pth file itself")
-    if zipfile.is_zipfile(path):
+    if _is_zipfile(path):
         check_archive(path)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
