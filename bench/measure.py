@@ -100,8 +100,7 @@ def calibration(ckpt: str, data: str, device: str, method: str = "mse", batches:
     model = build_folded(cfg, ck.state_dict).to(device)
 
     def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
 
     def timed(forward) -> float:
         for _ in range(skip):
@@ -174,8 +173,7 @@ def throughput(ckpt: str, tree: str, device: str, samples: int = 100, method: st
     frames = nuscenes_set(Path(tree), plans, cfg)
 
     def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
 
     # The loader alone: every frame read, copied and normalized on the device, nothing else.
     stream = Stream(frames, samples, torch.device(device), n_workers)
@@ -212,6 +210,14 @@ def throughput(ckpt: str, tree: str, device: str, samples: int = 100, method: st
             "plan_s": plan_s, "loader_samples_per_s": 1.0 / loader_per_sample,
             "end_to_end_samples_per_s": 1.0 / per_sample, "whole_run_s": total,
             "waited_for_data_share": (w_b - w_a) / (t_b - t_a), "peak_rss_mb": peak_rss_mb()}
+
+
+def _sync(device: str) -> None:
+    """Wait for the device's queued work, so a clock read after it counts all of it."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def _graphed(forward):

@@ -159,7 +159,11 @@ def _find_image(folder: Path, index: int) -> Path:
 
 
 def read_image(path: Path) -> Image.Image:
-    data = read_regular(path, MAX_IMAGE_BYTES, "JPEG image")
+    return decode_image(read_regular(path, MAX_IMAGE_BYTES, "JPEG image"), path)
+
+
+def decode_image(data: bytes, path: Path) -> Image.Image:
+    """The RGB image of a JPEG or PNG file's bytes; errors name ``path``."""
     try:
         with Image.open(io.BytesIO(data), formats=["JPEG", "PNG"]) as img:  # no plugin with side effects (EPS)
             w, h = img.size  # from the header: refuse before decoding a pixel
@@ -190,6 +194,16 @@ def _crop_all(images: list[tuple[Path, Image.Image]], image_size) -> tuple[torch
     return torch.stack(pixels)[None], np.stack(augs)[None]
 
 
+def _cameras(paths: list[Path], matrices: dict[str, np.ndarray], image_size) -> tuple[torch.Tensor, dict]:
+    """The first len(``paths``) cameras: their cropped uint8 images, and the rig (``matrices``'
+    camera2lidar, camera_intrinsics and lidar2image cut to them, and their img_aug_matrix)."""
+    pixels, augs = _crop_all([(p, read_image(p)) for p in paths], image_size)  # read_image's errors name the path
+    n = len(paths)
+    rig = {name: torch.from_numpy(np.ascontiguousarray(matrices[name][:, :n])) for name in MATRIX_FILES[:3]}
+    rig["img_aug_matrix"] = torch.from_numpy(augs)
+    return pixels, rig
+
+
 def _read_folder(folder, image_size, cameras: int | None, need_points: bool):
     folder = Path(folder)
     if not folder.is_dir():
@@ -203,9 +217,7 @@ def _read_folder(folder, image_size, cameras: int | None, need_points: bool):
         raise LeanError(f"{folder}: asked for {n} cameras but the matrices hold {available}; "
                         f"pass cameras between 1 and {available}")
     paths = [_find_image(folder, i) for i in range(n)]
-    pixels, augs = _crop_all([(p, read_image(p)) for p in paths], image_size)  # read_image's errors name the path
-    rig = {name: torch.from_numpy(np.ascontiguousarray(matrices[name][:, :n])) for name in MATRIX_FILES[:3]}
-    rig["img_aug_matrix"] = torch.from_numpy(augs)
+    pixels, rig = _cameras(paths, matrices, image_size)
     return folder, pixels, torch.from_numpy(points), rig
 
 
@@ -349,9 +361,7 @@ def nuscenes_frame(dataroot, plan: SamplePlan, cfg: CameraConfig) -> Frame:
     CUDA-BEVFusion's order, points of the key frame and its sweeps cut to ``cfg``'s grid."""
     n = _nuscenes_cameras(plan, cfg.cameras)
     paths = [Path(dataroot) / c.path for c in plan.cameras[:n]]
-    pixels, augs = _crop_all([(p, read_image(p)) for p in paths], cfg.image_size)
-    rig = {k: torch.from_numpy(np.ascontiguousarray(m[:, :n])) for k, m in rig_matrices(plan).items()}
-    rig["img_aug_matrix"] = torch.from_numpy(augs)
+    pixels, rig = _cameras(paths, rig_matrices(plan), cfg.image_size)
     points = torch.from_numpy(sample_points(dataroot, plan, cfg.xbound, cfg.ybound)) if cfg.uses_depth else None
     return _frame(plan.token, pixels, points, rig, cfg)
 
@@ -380,12 +390,12 @@ def write_nuscenes_example(opts: NuScenesExampleOptions) -> list[Path]:
     images, augs = [], []
     for camera in plan.cameras:
         path = Path(opts.dataroot) / camera.path
-        img = read_image(path)
+        data = read_regular(path, MAX_IMAGE_BYTES, "JPEG image")
         try:
-            augs.append(image_aug(img.size, opts.image_size)[2])
+            augs.append(image_aug(decode_image(data, path).size, opts.image_size)[2])
         except LeanError as e:
             raise LeanError(f"{path}: {e}") from None
-        images.append(read_regular(path, MAX_IMAGE_BYTES, "JPEG image"))
+        images.append(data)
     points = sample_points(opts.dataroot, plan, opts.xbound, opts.ybound)
     with output_folder(Path(opts.out), (*EXAMPLE_FILES, *image_file_names(len(images)))) as staging:
         written = write_example(staging, images, img_aug_matrix=np.stack(augs)[None], points=points,

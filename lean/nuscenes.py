@@ -151,16 +151,20 @@ def read_table(dataroot: Path, version: str, table: str) -> dict[str, tuple]:
     return {r[0]: r[1:] for r in records}
 
 
+def check_dataroot(dataroot) -> Path:
+    if not Path(dataroot).is_dir():
+        raise LeanError(f"nuScenes dataroot {dataroot} is not a folder: pass the folder that holds "
+                        "samples/, sweeps/ and the v1.0-* table folders")
+    return Path(dataroot)
+
+
 class Tables:
     """The six tables of one nuScenes version, reduced to the fields used."""
 
     def __init__(self, dataroot, version: str = "v1.0-trainval"):
         if version not in VERSIONS:
             raise LeanError(f"unknown nuScenes version {version!r}: choose one of {', '.join(VERSIONS)}")
-        self.dataroot, self.version = Path(dataroot), version
-        if not self.dataroot.is_dir():
-            raise LeanError(f"nuScenes dataroot {dataroot} is not a folder: pass the folder that holds "
-                            "samples/, sweeps/ and the v1.0-* table folders")
+        self.dataroot, self.version = check_dataroot(dataroot), version
         for table in TABLES:
             setattr(self, table, read_table(self.dataroot, version, table))
         channels = {token: channel for token, (channel,) in self.sensor.items()}
@@ -198,15 +202,12 @@ class Tables:
                             f"the scenes there are not that split's")
         return {name: [t for _, t in sorted(v)] for name, v in sorted(out.items())}
 
-    def _to_key_lidar(self, sd_token: str, key_lidar: str) -> np.ndarray:
-        """4x4 from sample_data ``sd_token``'s sensor into the key lidar frame's coordinates."""
-        def sensor_to_global(token):
-            _, pose, cs, *_ = self._record("sample_data", token, "a sample")
-            _, t, r, _ = self._record("calibrated_sensor", cs, f"sample_data {token!r}")
-            et, er = self._record("ego_pose", pose, f"sample_data {token!r}")
-            return pose_matrix(et, er) @ pose_matrix(t, r)
-
-        return np.linalg.inv(sensor_to_global(key_lidar)) @ sensor_to_global(sd_token)
+    def _sensor_to_global(self, token: str) -> np.ndarray:
+        """4x4 from sample_data ``token``'s sensor to global coordinates, through its own ego pose."""
+        _, pose, cs, *_ = self._record("sample_data", token, "a sample")
+        _, t, r, _ = self._record("calibrated_sensor", cs, f"sample_data {token!r}")
+        et, er = self._record("ego_pose", pose, f"sample_data {token!r}")
+        return pose_matrix(et, er) @ pose_matrix(t, r)
 
     def plan(self, token: str, sweeps: int = SWEEPS) -> SamplePlan:
         """Paths and matrices of one key sample."""
@@ -217,6 +218,7 @@ class Tables:
             raise LeanError(f"sample {token}: no key frame of {', '.join(missing)} in sample_data; "
                             "the metadata is incomplete")
         key = keys[LIDAR_CHANNEL]
+        global_to_key = np.linalg.inv(self._sensor_to_global(key))  # into the key frame's lidar coordinates
         cameras = []
         for channel in CAMERA_CHANNELS:
             sd = keys[channel]
@@ -224,14 +226,14 @@ class Tables:
             intrinsic = np.asarray(self._record("calibrated_sensor", cs, f"sample_data {sd!r}")[3], np.float64)
             if intrinsic.shape != (3, 3) or not np.isfinite(intrinsic).all():
                 raise LeanError(f"calibrated_sensor {cs}: camera_intrinsic {intrinsic.tolist()} is not a 3x3 matrix")
-            cameras.append(CameraFile(self.sample_data[sd][4], self._to_key_lidar(sd, key), intrinsic))
+            cameras.append(CameraFile(self.sample_data[sd][4], global_to_key @ self._sensor_to_global(sd), intrinsic))
         key_time = self.sample_data[key][3]
         lidar = [LidarFile(self.sample_data[key][4], np.eye(4), 0.0)]
         sd = key
         while len(lidar) <= sweeps and self.sample_data[sd][5]:  # mmdetection3d follows "prev" (key frames too)
             sd = self.sample_data[sd][5]
             _, _, _, timestamp, filename, *_ = self._record("sample_data", sd, "a sweep")
-            lidar.append(LidarFile(filename, self._to_key_lidar(sd, key), (key_time - timestamp) / 1e6))
+            lidar.append(LidarFile(filename, global_to_key @ self._sensor_to_global(sd), (key_time - timestamp) / 1e6))
         return SamplePlan(token, self.scene[scene][0], tuple(cameras), tuple(lidar))
 
 

@@ -21,7 +21,7 @@ from lean.errors import LeanError
 from lean.io import clean_stale, ensure_writable
 from lean.loader import FrameSet, Stream, folder_set, nuscenes_set
 from lean.log import logger
-from lean.nuscenes import DEFAULT_SAMPLES, DEFAULT_SPLIT, SWEEPS, plan_samples
+from lean.nuscenes import DEFAULT_SAMPLES, DEFAULT_SPLIT, SWEEPS, check_dataroot, plan_samples
 from lean.quant.modelopt import calibrate, insert_quantizers, quant_config
 
 
@@ -63,11 +63,12 @@ def run_ptq(opts: PTQOptions) -> dict:
     quant_config(opts.method)  # a bad method is a one-line error before any work
     device = resolve_device(opts.device)
     _check_counts(opts)
+    # A bad --data or --nuscenes is a one-line error before any work.
+    folders = None
     if opts.nuscenes is None:
-        calibration_folders(opts.data)  # a bad --data is a one-line error before any work
-    elif not Path(opts.nuscenes).is_dir():
-        raise LeanError(f"--nuscenes {opts.nuscenes} is not a folder: pass the nuScenes folder that holds "
-                        "samples/, sweeps/ and the v1.0-* table folders")
+        folders = calibration_folders(opts.data)
+    else:
+        check_dataroot(opts.nuscenes)
     out = Path(opts.out)
     if out.is_dir():
         raise LeanError(f"--out {out} is a folder: pass the .pth file to write, e.g. {out / 'bevfusion_ptq.pth'}")
@@ -79,7 +80,7 @@ def run_ptq(opts: PTQOptions) -> dict:
         raise LeanError(f"{opts.ckpt} is already quantized ({ckpt.source}): PTQ starts from a float checkpoint")
     cfg = resolve_config(ckpt, cameras=opts.cameras)
     model = build_folded(cfg, ckpt.state_dict, f"checkpoint {opts.ckpt}")
-    frames, source = calibration_set(opts, cfg)
+    frames, source = calibration_set(opts, cfg, folders)
     batches = len(frames) if opts.batches is None else opts.batches
     model = insert_quantizers(model, opts.method, opts.quantize_downsample).to(device)
     stream = Stream(frames, batches, device, opts.workers)
@@ -117,10 +118,10 @@ def _check_counts(opts: PTQOptions) -> None:
             raise LeanError(f"{flag} must be at least {least}, got {value}")
 
 
-def calibration_set(opts: PTQOptions, cfg) -> tuple[FrameSet, dict]:
-    """The calibration samples of ``opts`` and how the checkpoint's metadata names them."""
+def calibration_set(opts: PTQOptions, cfg, folders) -> tuple[FrameSet, dict]:
+    """The calibration samples of ``opts`` (``folders``: ``calibration_folders``' list, unused for
+    nuScenes) and how the checkpoint's metadata names them."""
     if opts.nuscenes is None:
-        folders = calibration_folders(opts.data)
         return folder_set(folders, cfg), {"data": str(opts.data)}
     logger.info("reading the nuScenes tables of %s (%s)", opts.nuscenes, opts.version)
     plans = plan_samples(opts.nuscenes, opts.version, opts.split, opts.samples, opts.seed, SWEEPS)

@@ -317,10 +317,8 @@ def make_nuscenes_tree(root, example=DEFAULT_DATA, scenes: int = 2, samples_per_
                                             "rotation": matrix_quaternion(cam2ego[:3, :3]),
                                             "camera_intrinsic": intrinsics[i, :3, :3].tolist()})
 
-    def sensor_to_global(t_us, channel):
-        et, er = ego_pose(t_us)
-        cs = next(c for c in tables["calibrated_sensor"] if c["token"] == calibrated[channel])
-        return pose_matrix(et, er) @ pose_matrix(cs["translation"], cs["rotation"])
+    def lidar_to_global(t_us):
+        return pose_matrix(*ego_pose(t_us)) @ lidar2ego
 
     def add_data(sample, channel, t_us, key, prev, folder, suffix):
         token = _token("sd", channel, t_us)
@@ -349,14 +347,14 @@ def make_nuscenes_tree(root, example=DEFAULT_DATA, scenes: int = 2, samples_per_
             tables["sample"].append({"token": sample, "timestamp": key_us, "scene_token": scene,
                                      "prev": sample_tokens[k - 1] if k else "",
                                      "next": sample_tokens[k + 1] if k + 1 < samples_per_scene else ""})
-            key_to_global = sensor_to_global(key_us, LIDAR_CHANNEL)
+            key_to_global = lidar_to_global(key_us)
             if k:  # sweeps since the previous key frame, oldest first
                 for j in range(sweeps_between, 0, -1):
                     t_us = key_us - j * SWEEP_PERIOD_US
                     prev_lidar, path = add_data(sample_tokens[k - 1], LIDAR_CHANNEL, t_us, False, prev_lidar,
                                                 "sweeps", ".pcd.bin")
                     # The scene's points, as this sweep's sensor saw them from its pose.
-                    to_sweep = np.linalg.inv(sensor_to_global(t_us, LIDAR_CHANNEL)) @ key_to_global
+                    to_sweep = np.linalg.inv(lidar_to_global(t_us)) @ key_to_global
                     moved = points.copy()
                     moved[:, :3] = points[:, :3] @ to_sweep[:3, :3].T.astype(np.float32) + to_sweep[:3, 3].astype(np.float32)
                     write_bytes(path, moved.astype(np.float32).tobytes())
