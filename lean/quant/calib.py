@@ -6,10 +6,16 @@ which made GPU calibration many times slower than the forward it measures (BENCH
 plugs into a ModelOpt ``TensorQuantizer`` in place of its calibrator and keeps everything on the
 tensor's device:
 
-- the exact running max of |x| (one ``aminmax`` per tensor);
+- the exact running max of |x|;
 - for histogram methods, a histogram of log2 |x| of every value with fixed bins (32 per octave
   over 2^-32..2^32), so no range ever has to be read back to re-bin. Every value, not a
   subsample: the rare large values set the amax.
+
+Both come from ``lean.quant.histogram`` (one Triton kernel on CUDA). A shared quantizer (conv1's
+input and its block's identity, a neck concat and the backbone conv that reads it) is called
+again on the tensor it has just seen: a third of all the values a ResNet50 forward offers. The
+statistics of such a call are those of the previous one, reused without reading the tensor again,
+so every amax is what counting each call afresh gives.
 
 On CUDA the statistics can run on a side stream, beside the forward's convolutions.
 
@@ -19,13 +25,13 @@ graph and replayed for every batch (``lean.quant.modelopt.calibrate``).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from lean.errors import LeanError
+from lean.quant.histogram import BINS_PER_OCTAVE, HIST_BINS, LOG2_RANGE, log2_histogram, max_abs_, new_scratch
 
-LOG2_RANGE = (-32.0, 32.0)
-BINS_PER_OCTAVE = 32
-HIST_BINS = int(LOG2_RANGE[1] - LOG2_RANGE[0]) * BINS_PER_OCTAVE
 MSE_OCTAVES = 4  # amax candidates span max/16 .. max, as pytorch-quantization's start_bin=128 of 2048
 PERCENTILE = 99.99
 
@@ -46,34 +52,46 @@ class RangeCollector:
         self.amax = None
         self.hist = None
         self.counted = None  # values offered to the histogram, zeros included (on the device: graph replays count)
+        self._last = None  # (weak reference to the last tensor collected, its version)
+        self._counts = None  # that tensor's histogram
+        self._scratch = None
 
     def collect(self, x: torch.Tensor) -> None:
+        again = self._last is not None and self._last[0]() is x and self._last[1] == x._version
+        self._last = (weakref.ref(x), x._version)
         x = x.detach()
         if self.stream is None:
-            return self._collect(x)
+            return self._collect(x, again)
         self.stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(self.stream):
-            self._collect(x)
+            self._collect(x, again)
         x.record_stream(self.stream)  # x's memory stays reserved until the statistics have read it
 
-    def _collect(self, x: torch.Tensor) -> None:
-        lo, hi = torch.aminmax(x)
-        m = torch.maximum(hi, -lo).float()
+    def _collect(self, x: torch.Tensor, again: bool) -> None:
+        # In place throughout: a captured CUDA graph updates the same tensors on every replay.
         if self.amax is None:
-            self.amax = m.clone()
-            self.hist = torch.zeros(HIST_BINS, device=x.device) if self.histogram else None
-            self.counted = torch.zeros((), dtype=torch.float64, device=x.device)
-        else:
-            torch.maximum(self.amax, m, out=self.amax)  # in place: a captured graph updates the same tensor
-        if self.histogram:
-            self.counted.add_(x.numel())
-            # log2(0) = -inf falls outside the range: zeros are not binned (they quantize exactly).
-            self.hist.add_(torch.histc(x.abs().float().log2_(), HIST_BINS, *LOG2_RANGE))
+            self.amax = torch.zeros((), device=x.device)
+            if self.histogram:
+                self.hist = torch.zeros(HIST_BINS, dtype=torch.float64, device=x.device)
+                self.counted = torch.zeros((), dtype=torch.float64, device=x.device)
+                self._scratch = new_scratch(x.device)
+        if not self.histogram:
+            if not again:
+                max_abs_(x, self.amax)
+            return
+        if not again:
+            self._counts = log2_histogram(x, self.amax, self._scratch)
+        # The same tensor again (a shared quantizer): its counts again, without reading it again.
+        self.hist.add_(self._counts)
+        self.counted.add_(x.numel())
 
     def compute_amax(self, method: str = "max") -> torch.Tensor:
         if self.amax is None:
             raise LeanError("a quantizer saw no data during calibration: the calibration data never reached it")
         exact = self.amax.detach().cpu().double()
+        if not torch.isfinite(exact):
+            raise LeanError("a quantizer saw NaN or infinite activations during calibration: check the calibration "
+                            "data and the checkpoint's weights")
         if method == "max" or exact.item() == 0:
             return exact.float()
         counts = self.hist.detach().cpu().double()
