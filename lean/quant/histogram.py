@@ -8,8 +8,9 @@ kernel reads each value once and does both. PyTorch's path is ``aminmax``, ``abs
 with global atomics. The kernel adds one count per value instead, into one of 16 copies of the
 histogram, which are summed after. Its bins are ``histc``'s exactly (the same float arithmetic,
 CUDA's ``log2f``), which the tests check on the GPU. Why not the obvious alternatives, measured on
-the H100 (BENCHMARKS.md): Triton's ``tl.histogram`` costs grow with the bin count (slower than
-``histc`` at 2048 bins), and a single copy serializes on the busiest bins (10x slower).
+the H100 (BENCHMARKS.md): the cost of Triton's ``tl.histogram`` grows with the bin count (at 2048
+bins it made calibration slower than ``histc``), and a single copy serializes on the busiest bins
+(about 7x slower than 16 copies).
 Elsewhere (the CPU, or no Triton) the PyTorch ops run.
 """
 
