@@ -56,9 +56,16 @@ class RangeCollector:
         self._counts = None  # that tensor's histogram
         self._scratch = None
 
+    def forget_last(self) -> None:
+        """Read the next tensor afresh: called before a CUDA graph capture (and after a failed one),
+        so that no captured call re-adds counts computed outside the graph."""
+        self._last = self._counts = None
+
     def collect(self, x: torch.Tensor) -> None:
-        again = self._last is not None and self._last[0]() is x and self._last[1] == x._version
-        self._last = (weakref.ref(x), x._version)
+        version = None if x.is_inference() else x._version  # inference tensors have no version counter
+        again = (version is not None and self._last is not None and self._last[0]() is x
+                 and self._last[1] == version)
+        self._last = (weakref.ref(x), version)
         x = x.detach()
         if self.stream is None:
             return self._collect(x, again)

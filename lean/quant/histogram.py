@@ -77,8 +77,11 @@ def _kernel():
 
 
 def _launch(x: torch.Tensor, amax: torch.Tensor, scratch: torch.Tensor | None) -> None:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        x = x.permute(0, 2, 3, 1)  # the order of the values does not matter: flatten without a copy
     flat = x.reshape(-1)  # a view for the contiguous activations of a forward
     n = flat.numel()
-    _kernel()[(-(-n // TILE),)](flat, n, amax if scratch is None else scratch, amax, LOG2_RANGE[0], LOG2_RANGE[1],
-                               HISTOGRAM=scratch is not None, COPIES=COPIES, BINS=HIST_BINS,
-                               PER_OCTAVE=BINS_PER_OCTAVE, TILE=TILE)
+    with torch.cuda.device(x.device):  # Triton launches on the current device's current stream
+        _kernel()[(-(-n // TILE),)](flat, n, amax if scratch is None else scratch, amax, *LOG2_RANGE,
+                                    HISTOGRAM=scratch is not None, COPIES=COPIES, BINS=HIST_BINS,
+                                    PER_OCTAVE=BINS_PER_OCTAVE, TILE=TILE)

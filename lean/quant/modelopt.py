@@ -192,7 +192,12 @@ def calibrate(model: nn.Module, batches: Iterable, method: str = "mse", progress
         else:
             feature, weights = _first_forward(forward, inputs)
             if captured is None and own and cuda_graph and device.type == "cuda":
+                for q in act_qs:
+                    q._calibrator.forget_last()
                 captured = _CapturedForward.capture(forward, inputs)
+                for q in act_qs:
+                    if captured is None:
+                        q._calibrator.forget_last()
         if downsample_quantized:
             if not sample:
                 raise LeanError("calibrating a quantized BEV downsample needs the samples' rig matrices")

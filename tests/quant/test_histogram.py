@@ -63,6 +63,22 @@ def test_nan_counts_as_infinite_and_empty_changes_nothing():
     assert other.item() == math.inf
 
 
+def test_a_repeated_tensor_is_read_once(monkeypatch):
+    import lean.quant.calib as calib
+
+    calls = []
+    real = calib.log2_histogram
+    monkeypatch.setattr(calib, "log2_histogram", lambda *a: calls.append(1) or real(*a))
+    x = values(1000)
+    c = RangeCollector(histogram=True)
+    c.collect(x)
+    c.collect(x)
+    assert len(calls) == 1
+    c.forget_last()
+    c.collect(x)
+    assert len(calls) == 2 and torch.equal(c.hist, 3 * reference(x)[1])
+
+
 def test_a_shared_quantizer_reuses_the_counts_of_its_tensor():
     """A second call on the same tensor adds the same counts (as reading it again would), and
     the tensor changed in place or another tensor is read afresh."""
@@ -78,6 +94,12 @@ def test_a_shared_quantizer_reuses_the_counts_of_its_tensor():
     c.collect(y)
     assert torch.equal(c.hist, 2 * reference(x / 2)[1] + reference(x)[1] + reference(y)[1])
     assert c.compute_amax("max").item() == y.abs().max().item()
+    with torch.inference_mode():  # no version counter: always read afresh
+        z = values(1000)
+        c = RangeCollector(histogram=True)
+        c.collect(z)
+        c.collect(z)
+        assert torch.equal(c.hist, 2 * reference(z)[1])
     m = RangeCollector(histogram=False)
     m.collect(x)
     m.collect(x)
@@ -87,7 +109,7 @@ def test_a_shared_quantizer_reuses_the_counts_of_its_tensor():
 @needs_triton
 @pytest.mark.parametrize("n", [1, 1023, 1024, 1025, 100_003, 3_000_001])
 def test_kernel_bins_as_histc(n):
-    x = values(max(n, 100), seed=n)[:n].cuda()
+    x = values(max(n, 100) + 5, seed=n)[5:5 + n].cuda()  # from the bin edges on: n = 1 is binned
     amax, hist = statistics(x)
     top, want = reference(x)
     assert amax == top and torch.equal(hist, want)
@@ -96,10 +118,11 @@ def test_kernel_bins_as_histc(n):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kernel_reads_half_precision(dtype):
-    x = values(300_000, dtype=dtype).cuda()
-    top, want = reference(x.float())
-    amax, hist = statistics(x)
-    assert amax == top and torch.equal(hist, want)
+    for x in (values(300_000, dtype=dtype).cuda(), (torch.randn(100_000) * 100).to(dtype).cuda()):
+        top, want = reference(x.float())
+        amax, hist = statistics(x)
+        assert amax == top and torch.equal(hist, want)
+    assert math.isfinite(top)  # the second is finite in half precision
 
 
 @needs_triton
@@ -110,6 +133,14 @@ def test_kernel_max_only_nan_and_accumulation():
     assert torch.equal(hist, 3 * reference(x)[1])  # the scratch is zero again after each tensor
     assert statistics(torch.tensor([1.0, float("nan")], device="cuda"))[0] == math.inf
     assert statistics(torch.tensor([1.0, float("nan")], device="cuda"), with_histogram=False)[0] == math.inf
+
+
+@needs_triton
+def test_kernel_reads_channels_last_and_other_strides():
+    x = values(2 * 64 * 30 * 40).view(2, 64, 30, 40).cuda()
+    for y in (x.to(memory_format=torch.channels_last), x[:, ::2], x.transpose(2, 3)):
+        top, want = reference(y)
+        assert statistics(y)[0] == top and torch.equal(statistics(y)[1], want)
 
 
 @needs_triton
