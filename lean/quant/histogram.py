@@ -16,10 +16,11 @@ Elsewhere (the CPU, or no Triton) the PyTorch ops run.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
+
+from lean.quant.triton_stats import abs_log2_statistics
 
 LOG2_RANGE = (-32.0, 32.0)
 BINS_PER_OCTAVE = 32
@@ -66,13 +67,8 @@ def new_scratch(device) -> torch.Tensor | None:
     return torch.zeros(COPIES, HIST_BINS, dtype=torch.int32, device=device)
 
 
-@functools.cache
 def _kernel():
     """The Triton kernel (compiled on its first launch); None where Triton is missing."""
-    try:
-        from lean.quant.triton_stats import abs_log2_statistics
-    except ImportError:
-        return None
     return abs_log2_statistics
 
 
