@@ -1,4 +1,4 @@
-"""Device probe of session 6 (not shipped): the calibration statistics with and without reusing a
+"""Device probe of session 6 (not shipped; run at commit 13a421f): the calibration statistics with and without reusing a
 shared quantizer's counts and the Triton kernel (``lean.quant.histogram``), in steady state, and
 the kernel's histogram against ``torch.histc`` on every conv input of a forward."""
 import copy

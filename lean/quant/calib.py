@@ -13,8 +13,7 @@ tensor's device:
 
 Both come from ``lean.quant.histogram`` (one Triton kernel on CUDA). A shared quantizer (conv1's
 input and its block's identity, a neck concat and the backbone conv that reads it) is called
-again on the tensor it has just seen: a third of all the values a ResNet50 forward offers. The
-statistics of such a call are those of the previous one, reused without reading the tensor again,
+again on the tensor it has just seen (BENCHMARKS.md counts how often). The statistics of such a call are those of the previous one, reused without reading the tensor again,
 so every amax is what counting each call afresh gives.
 
 On CUDA the statistics can run on a side stream, beside the forward's convolutions.

@@ -9,8 +9,7 @@ with global atomics. The kernel adds one count per value instead, into one of 16
 histogram, which are summed after. Its bins are ``histc``'s exactly (the same float arithmetic,
 CUDA's ``log2f``), which the tests check on the GPU. Why not the obvious alternatives, measured on
 the H100 (BENCHMARKS.md): the cost of Triton's ``tl.histogram`` grows with the bin count (at 2048
-bins it made calibration slower than ``histc``), and a single copy serializes on the busiest bins
-(about 7x slower than 16 copies).
+bins it made calibration slower than ``histc``), and a single copy serializes on the busiest bins.
 Elsewhere (the CPU, or no Triton) the PyTorch ops run.
 """
 
@@ -30,7 +29,7 @@ TILE = 1024  # values per program
 
 
 def _fused(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and _kernel() is not None
+    return x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and abs_log2_statistics is not None
 
 
 def max_abs_(x: torch.Tensor, amax: torch.Tensor) -> None:
@@ -62,14 +61,9 @@ def log2_histogram(x: torch.Tensor, amax: torch.Tensor, scratch: torch.Tensor | 
 def new_scratch(device) -> torch.Tensor | None:
     """The kernel's zeroed int32 [COPIES, HIST_BINS] counts on ``device``; None where it does not run."""
     device = torch.device(device)
-    if device.type != "cuda" or _kernel() is None:
+    if device.type != "cuda" or abs_log2_statistics is None:
         return None
     return torch.zeros(COPIES, HIST_BINS, dtype=torch.int32, device=device)
-
-
-def _kernel():
-    """The Triton kernel (compiled on its first launch); None where Triton is missing."""
-    return abs_log2_statistics
 
 
 def _launch(x: torch.Tensor, amax: torch.Tensor, scratch: torch.Tensor | None) -> None:
@@ -78,6 +72,6 @@ def _launch(x: torch.Tensor, amax: torch.Tensor, scratch: torch.Tensor | None) -
     flat = x.reshape(-1)  # a view for the contiguous activations of a forward
     n = flat.numel()
     with torch.cuda.device(x.device):  # Triton launches on the current device's current stream
-        _kernel()[(-(-n // TILE),)](flat, n, amax if scratch is None else scratch, amax, *LOG2_RANGE,
-                                    HISTOGRAM=scratch is not None, COPIES=COPIES, BINS=HIST_BINS,
-                                    PER_OCTAVE=BINS_PER_OCTAVE, TILE=TILE)
+        abs_log2_statistics[(-(-n // TILE),)](flat, n, amax if scratch is None else scratch, amax, *LOG2_RANGE,
+                                              HISTOGRAM=scratch is not None, COPIES=COPIES, BINS=HIST_BINS,
+                                              PER_OCTAVE=BINS_PER_OCTAVE, TILE=TILE)

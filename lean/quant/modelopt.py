@@ -173,6 +173,10 @@ def calibrate(model: nn.Module, batches: Iterable, method: str = "mse", progress
         q.disable_quant()
         q.enable_calib()
 
+    def forget_last():
+        for q in act_qs:
+            q._calibrator.forget_last()
+
     def join():  # the statistics of this forward are part of it (and of its CUDA graph)
         if stream is not None:
             torch.cuda.current_stream(device).wait_stream(stream)
@@ -192,12 +196,10 @@ def calibrate(model: nn.Module, batches: Iterable, method: str = "mse", progress
         else:
             feature, weights = _first_forward(forward, inputs)
             if captured is None and own and cuda_graph and device.type == "cuda":
-                for q in act_qs:
-                    q._calibrator.forget_last()
+                forget_last()  # no captured call may re-add counts computed outside the graph
                 captured = _CapturedForward.capture(forward, inputs)
-                for q in act_qs:
-                    if captured is None:
-                        q._calibrator.forget_last()
+                if captured is None:
+                    forget_last()  # nor an eager one re-add counts the failed capture never computed
         if downsample_quantized:
             if not sample:
                 raise LeanError("calibrating a quantized BEV downsample needs the samples' rig matrices")

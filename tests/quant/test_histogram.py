@@ -6,7 +6,7 @@ import torch
 from lean.quant import histogram
 from lean.quant.calib import RangeCollector
 
-needs_triton = pytest.mark.skipif(not torch.cuda.is_available() or histogram._kernel() is None,
+needs_triton = pytest.mark.skipif(not torch.cuda.is_available() or histogram.abs_log2_statistics is None,
                                   reason="needs a CUDA GPU and Triton (run on the GPU machine)")
 
 
