@@ -33,7 +33,13 @@ def parser():
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the target's, 19 typed, 13 classic)")
     cli.add_device(p)
     p.add_argument("--no-simplify", dest="simplify", action="store_false", help="skip the onnxscript optimizer (constant folding, dead nodes)")
-    cli.add_data(p, "example-data folder for validation")
+    cli.add_data(p, "example-data folder, or a folder of them: validation on the first, ranges on all")
+    fp32 = p.add_argument_group("FP32 islands (typed graphs; --tensorrt 8: build flags)")
+    fp32.add_argument("--keep-fp32", metavar="GLOB[,GLOB]", default=None,
+                      help="keep these modules FP32, by path in the camera branch: backbone.layer3.2.conv2, "
+                           "backbone.stages.2.*, neck.*")
+    fp32.add_argument("--no-fp32-islands", dest="fp32_islands", action="store_false",
+                      help="all-FP16 typed graphs: a tensor past FP16's range is then an error")
     cli.add_rig(p)
     check = p.add_argument_group("end-to-end check")
     check.add_argument("--check-bev", dest="check_bev", action="store_true", default=None,
@@ -47,6 +53,7 @@ def main(args) -> None:
     opts = ExportOptions(ckpt=args.ckpt, out_dir=args.out, fp16=args.fp16, tensorrt=args.tensorrt, io=args.io,
                          opset=args.opset, device=args.device,
                          simplify=args.simplify, data=args.data, check_bev=args.check_bev, plot=args.plot,
+                         keep_fp32=args.keep_fp32, fp32_islands=args.fp32_islands,
                          **cli.rig_options(args))
     report = export_camera(opts)
     # Paths come from the user: shown escaped, as in error lines.

@@ -240,6 +240,20 @@ def load_inputs(folder, cfg: CameraConfig) -> tuple[Sample, torch.Tensor, torch.
     return sample, sample.img, depth
 
 
+def sample_folders(data: Path) -> list[Path]:
+    """``data`` is one example-data folder, or a folder of them (one sample each)."""
+    data = Path(data)
+    if not data.is_dir():
+        raise LeanError(f"data {data} is not a folder: pass an example-data folder or a folder of them")
+    marker = f"{MATRIX_FILES[0]}.tensor"  # every sample has it; points.tensor only where depth is used
+    if (data / marker).exists():
+        return [data]
+    found = sorted(p for p in data.iterdir() if (p / marker).exists())
+    if not found:
+        raise LeanError(f"{data} holds no samples: expected {marker} in it or in its subfolders")
+    return found
+
+
 def backbone_inputs(img: torch.Tensor, depth: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The backbone file's inputs by name: ``img``, and ``depth`` unless the branch is camera-only."""
     return {"img": img} if depth is None else {"img": img, "depth": depth}

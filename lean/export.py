@@ -26,20 +26,23 @@ from lean.build import build_model, resolve_config, resolve_device, versions
 from lean.checkpoint import read_checkpoint
 from lean.config import DEFAULT_DATA
 from lean.contract import BACKBONE, BACKBONE_FILE, VTRANSFORM, VTRANSFORM_FILE, GraphSpec, backbone_spec
-from lean.data import backbone_inputs, load_inputs
+from lean.data import backbone_inputs, load_inputs, sample_folders
 from lean.errors import LeanError
 from lean.io import output_folder
+from lean.islands import check_globs, kept_nodes, make_islands, overflow_check, parse_globs
 from lean.lint.check import lint_view
 from lean.lint.graph import GraphView
 from lean.models import BackboneGraph, VTransformGraph
+from lean.names import name_nodes, scope_map
 from lean.plot import PLOT_FILES
 from lean.quant.qdq import clamp_scales_to_fp16
+from lean.ranges import BOUND, FP16_MAX, measure, twin
 from lean.report import ExportReport, GraphResult, Stages, qdq_pairs
 from lean.simplify import node_count, simplify
 from lean.target import DEFAULT_TARGET, Target, get_target
 from lean.trace import CastIO, annotate, exact_float32, reference, to_proto, trace
 from lean.typecheck import check_typing
-from lean.validate import check_bev, tolerance, validate
+from lean.validate import check_bev, check_reference, tolerance, validate
 
 REPORT_FILE = "report.json"
 OUTPUT_FILES = (BACKBONE_FILE, VTRANSFORM_FILE, REPORT_FILE, *PLOT_FILES)  # the set that changes as a whole
@@ -66,6 +69,8 @@ class ExportOptions:
     rebuild_frustum: bool = False
     check_bev: bool | None = None  # None: on
     plot: bool = False
+    keep_fp32: str | None = None  # GLOB[,GLOB]: modules kept FP32 in typed graphs
+    fp32_islands: bool = True  # False: all-FP16 typed graphs, an overflow is an error
 
     @property
     def precision(self) -> str:
@@ -83,16 +88,21 @@ class ExportedGraph:
 
 
 class _GraphWriter:
-    """Trace -> simplify -> typing check -> write (temporary name) -> validate, for each graph of one export."""
+    """Trace -> simplify -> names -> ranges and islands -> typing check -> write (temporary name) ->
+    validate, for each graph of one export."""
 
     def __init__(self, opts: ExportOptions, target: Target, opset: int, out_dir: Path, props: dict, stages: Stages,
-                 staging: Path):
+                 staging: Path, branch: nn.Module, recorded: dict, weights: dict):
         self.opts, self.target, self.opset, self.out_dir = opts, target, opset, out_dir
-        self.props, self.stages, self.staging = props, stages, staging
+        self.props, self.stages, self.staging, self.branch = props, stages, staging, branch
+        self.recorded = recorded  # ranges the checkpoint recorded, per file
+        self.weights = weights  # FP32 weights and scales by name, for the twin and the islands
         self.tolerance = tolerance(opts.precision, target.typed)
+        self.globs = parse_globs(opts.keep_fp32)
 
     def __call__(self, spec: GraphSpec, module: nn.Module, inputs: dict[str, torch.Tensor],
-                 ref: dict[str, torch.Tensor]) -> ExportedGraph:
+                 ref: dict[str, torch.Tensor], samples: list[dict[str, torch.Tensor]]) -> ExportedGraph:
+        """``samples``: the graph's FP32 inputs of every data sample, for the range measurement."""
         import onnx
 
         name, stages = spec.file, self.stages
@@ -104,6 +114,9 @@ class _GraphWriter:
                 nodes = simplify(model)
         else:
             nodes = (node_count(model),) * 2
+        name_nodes(model, scope_map(module, self.branch))
+        with stages("ranges", f"measuring the ranges of {name} in FP32 on {len(samples)} samples"):
+            islands, layer_fp32 = self._islands(model, name, samples)
         proto = to_proto(model, self.opset)
         del model  # the file's weights are in the proto now: one copy less at the peak (validation)
         with stages("lint", f"linting {name} for TensorRT {self.target.name} (typing, Q/DQ, operators, contract)"):
@@ -122,12 +135,32 @@ class _GraphWriter:
         result = GraphResult(name, size=tmp.stat().st_size, nodes=len(proto.graph.node), qdq_pairs=qdq_pairs(proto),
                              typing=typing, lint=lint.to_json(), simplify={"nodes_before": nodes[0], "nodes_after": nodes[1]},
                              build_command=self.target.build_command(self.out_dir / name, len(inputs), len(spec.outputs),
-                                                                     self.opts.precision))
+                                                                     self.opts.precision, layer_fp32),
+                             fp32_islands=[{"file": name, **i.to_json()} for i in islands])
         del proto  # ONNX Runtime reads the file
         with stages("validate", f"validating {name} (onnx.checker + ONNX Runtime vs PyTorch)"):
             result.outputs, onnx_outputs = validate(tmp, inputs, ref, self.tolerance, name)
         result.seconds = time.perf_counter() - t0
         return ExportedGraph(result, tmp, onnx_outputs)
+
+    def _islands(self, model, name: str, samples: list[dict[str, torch.Tensor]]):
+        """Measure ``model``'s ranges, then widen a typed graph's islands in place; returns the
+        islands and, for a classic graph, the layers its build command keeps FP32."""
+        ranges = measure(twin(model, self.weights), ({k: v.detach().cpu().float().numpy() for k, v in s.items()} for s in samples))
+        if ranges.nonfinite:
+            key = ranges.nonfinite[0]
+            raise LeanError(f"the checkpoint's FP32 forward makes NaN or Inf on the data: first at {key} (module "
+                            f"{ranges.modules.get(key) or '(graph)'}) of {name}; check the weights and the --data")
+        ranges.merge(self.recorded.get(name, {}))
+        kept = kept_nodes(model, self.globs)
+        if not self.opts.fp32_islands:
+            overflow_check(ranges)
+            return [], []
+        if not self.target.typed:  # the builder decides precision: the islands become build flags
+            islands = make_islands(model, ranges, BOUND, kept, apply=False)
+            qdq = {n.name for n in model.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+            return islands, [n for i in islands for n in i.nodes if n not in qdq]
+        return make_islands(model, ranges, BOUND, kept, source=self.weights), []
 
 
 def export_camera(opts: ExportOptions) -> ExportReport:
@@ -142,17 +175,20 @@ def _export_camera(opts: ExportOptions) -> ExportReport:
     target.check_opset(opset)
     if opts.io not in ("fp16", "fp32"):
         raise LeanError(f"unknown --io {opts.io!r}: choose fp16 or fp32")
+    if parse_globs(opts.keep_fp32) and not opts.fp32_islands:
+        raise LeanError("--keep-fp32 and --no-fp32-islands contradict each other: pass one of them")
+    folders = sample_folders(opts.data)  # a bad --data is one line before any work
     device = resolve_device(opts.device)
     out_dir = opts.output_dir()
 
     # Every file goes to a staging folder that replaces out_dir as a whole only at the end; taking
     # it first also fails at once when out_dir cannot be written or another run is writing it.
     with output_folder(out_dir, OUTPUT_FILES) as staging:
-        return _export_into(opts, stages, target, opset, device, out_dir, staging)
+        return _export_into(opts, stages, target, opset, device, out_dir, staging, folders)
 
 
 def _export_into(opts: ExportOptions, stages: Stages, target: Target, opset: int, device: torch.device, out_dir: Path,
-                 staging: Path) -> ExportReport:
+                 staging: Path, folders: list[Path]) -> ExportReport:
     precision = opts.precision
     with stages("load", f"reading checkpoint {opts.ckpt}"):
         ckpt = read_checkpoint(opts.ckpt)
@@ -165,18 +201,28 @@ def _export_into(opts: ExportOptions, stages: Stages, target: Target, opset: int
         if target.typed and precision == "int8":
             # The reference computes in FP32 with the FP16 weights and scales the typed graph stores.
             clamped = clamp_scales_to_fp16(model)
-            model.half().float()
-    with stages("data", f"reading example data {opts.data}"):
-        sample, img, depth = load_inputs(opts.data, cfg)
-        inputs = {k: v.to(device) for k, v in backbone_inputs(img, depth).items()}
+            fp16_rounded(model)
+    check_globs(parse_globs(opts.keep_fp32), {name for name, _ in model.named_modules() if name})
+    with stages("data", f"reading example data {opts.data} ({len(folders)} samples)"):
+        data = [load_inputs(f, cfg) for f in folders]
+        sample = data[0][0]  # validation runs on the first sample, the range measurement on all
+        feeds = [{k: v.to(device) for k, v in backbone_inputs(img, depth).items()} for _, img, depth in data]
+        inputs = feeds[0]
     with stages("reference", "PyTorch reference forward (FP32) of both graphs"):
-        ref_backbone = reference(BackboneGraph(model), inputs, list(BACKBONE.outputs))
+        refs = [check_reference(reference(BackboneGraph(model), f, list(BACKBONE.outputs)), BackboneGraph(model), f,
+                                BACKBONE_FILE, model) for f in feeds]
+        ref_backbone = refs[0]
         # The vtransform's input is what the runtime feeds it: the pooled backbone output.
-        bev_in = pool_to_bev(ref_backbone["camera_feature"], ref_backbone["camera_depth_weights"], sample, model).to(device)
-        ref_vtransform = reference(VTransformGraph(model), {"feat_in": bev_in}, list(VTRANSFORM.outputs))
+        bev_ins = [{"feat_in": pool_to_bev(r["camera_feature"], r["camera_depth_weights"], s, model).to(device)}
+                   for r, (s, _, _) in zip(refs, data)]
+        del refs
+        bev_in = bev_ins[0]["feat_in"]
+        ref_vtransform = check_reference(reference(VTransformGraph(model), bev_ins[0], list(VTRANSFORM.outputs)),
+                                         VTransformGraph(model), bev_ins[0], VTRANSFORM_FILE, model)
 
     io_dtype = torch.float16 if target.typed and opts.io == "fp16" else torch.float32
     geometry = Geometry.of(model)
+    weights = {k: v.detach().float().cpu().numpy() for k, v in (*model.named_parameters(), *model.named_buffers())}
     if target.typed:
         model.half()  # every weight, bias and Q/DQ scale FP16: the exporter writes the types it sees
 
@@ -190,12 +236,16 @@ def _export_into(opts: ExportOptions, stages: Stages, target: Target, opset: int
              "calibration": json.dumps(calibration) if calibration is not None else "none",
              "checkpoint_sha256": ckpt.sha256, "tensorrt": target.name, "typing": target.typing,
              "io": "fp32" if io_dtype == torch.float32 else "fp16"}
-    export_graph = _GraphWriter(opts, target, opset, out_dir, props, stages, staging)
+    recorded = ckpt.meta.get("ranges", {}) if isinstance(ckpt.meta.get("ranges"), dict) else {}
+    export_graph = _GraphWriter(opts, target, opset, out_dir, props, stages, staging, model,
+                                {k: v for k, v in recorded.items() if isinstance(v, dict)}, weights)
     spec = backbone_spec(cfg.uses_depth)
-    backbone = export_graph(spec, part(spec), {k: v.to(io_dtype) for k, v in inputs.items()}, ref_backbone)
-    vtransform = export_graph(VTRANSFORM, part(VTRANSFORM), {"feat_in": bev_in.to(io_dtype)}, ref_vtransform)
+    backbone = export_graph(spec, part(spec), {k: v.to(io_dtype) for k, v in inputs.items()}, ref_backbone, feeds)
+    vtransform = export_graph(VTRANSFORM, part(VTRANSFORM), {"feat_in": bev_in.to(io_dtype)}, ref_vtransform, bev_ins)
+    islands = backbone.result.fp32_islands + vtransform.result.fp32_islands
     target_facts = {"tensorrt": target.name, "runtimes": target.runtimes, "typing": target.typing, "io": props["io"],
-                    "fp16_scales_clamped": clamped if target.typed else None, "fp32_islands": []}
+                    "fp16_scales_clamped": clamped if target.typed else None, "fp32_islands": islands,
+                    "fp32_bound": BOUND if opts.fp32_islands else None, "keep_fp32": parse_globs(opts.keep_fp32)}
     report = ExportReport(out_dir, precision, [backbone.result, vtransform.result], stages.times,
                           _facts(opts, opset, device, cfg, ckpt, target_facts))
     if opts.check_bev is not False:
@@ -205,9 +255,22 @@ def _export_into(opts: ExportOptions, stages: Stages, target: Target, opset: int
                 vtransform.path, geometry, sample, ref_vtransform["feat_out"],
                 tolerance(precision, target.typed, bev=True), cfg, staging if opts.plot else None,
             )
-    (staging / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
+    try:  # a NaN or Inf figure is never written as a pass (JSON has no NaN)
+        text = json.dumps(report.to_json(), indent=2, default=str, allow_nan=False)
+    except ValueError:
+        raise LeanError("a figure of the report is NaN or infinite; nothing was written") from None
+    (staging / REPORT_FILE).write_text(text + "\n")
     # Everything validated: leaving output_folder swaps the staging folder into place.
     return report
+
+
+@torch.no_grad()
+def fp16_rounded(model: nn.Module) -> None:
+    """Every weight and scale rounded to FP16 as the typed graph stores it (in place, still FP32);
+    a value FP16 cannot hold stays as it is: it goes to an FP32 island with its FP32 value."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            t.copy_(torch.where(t.abs() <= FP16_MAX, t.half().float(), t))
 
 
 def _facts(opts: ExportOptions, opset: int, device: torch.device, cfg, ckpt, target: dict) -> dict:

@@ -16,7 +16,7 @@ import lean
 from lean.build import build_folded, resolve_config, resolve_device, versions
 from lean.checkpoint import read_checkpoint, save_checkpoint
 from lean.config import DEFAULT_DATA, DEMO_FLOAT_CKPT, DEMO_PTQ_CKPT
-from lean.data import MATRIX_FILES
+from lean.data import sample_folders
 from lean.errors import LeanError
 from lean.io import clean_stale, ensure_writable
 from lean.loader import FrameSet, Stream, folder_set, nuscenes_set
@@ -44,20 +44,6 @@ class PTQOptions:
     progress: bool = True  # a progress bar on stderr
 
 
-def calibration_folders(data: Path) -> list[Path]:
-    """``data`` is one example-data folder, or a folder of them (one sample each)."""
-    data = Path(data)
-    if not data.is_dir():
-        raise LeanError(f"calibration data {data} is not a folder: pass an example-data folder or a folder of them")
-    marker = f"{MATRIX_FILES[0]}.tensor"  # every sample has it; points.tensor only where depth is used
-    if (data / marker).exists():
-        return [data]
-    found = sorted(p for p in data.iterdir() if (p / marker).exists())
-    if not found:
-        raise LeanError(f"{data} holds no samples: expected {marker} in it or in its subfolders")
-    return found
-
-
 def run_ptq(opts: PTQOptions) -> dict:
     """Calibrate and write ``opts.out``; returns the metadata saved with it."""
     quant_config(opts.method)  # a bad method is a one-line error before any work
@@ -66,7 +52,7 @@ def run_ptq(opts: PTQOptions) -> dict:
     # A bad --data or --nuscenes is a one-line error before any work.
     folders = None
     if opts.nuscenes is None:
-        folders = calibration_folders(opts.data)
+        folders = sample_folders(opts.data)
     else:
         check_dataroot(opts.nuscenes)
     out = Path(opts.out)
@@ -119,7 +105,7 @@ def _check_counts(opts: PTQOptions) -> None:
 
 
 def calibration_set(opts: PTQOptions, cfg, folders) -> tuple[FrameSet, dict]:
-    """The calibration samples of ``opts`` (``folders``: ``calibration_folders``' list, unused for
+    """The calibration samples of ``opts`` (``folders``: ``sample_folders``' list, unused for
     nuScenes) and how the checkpoint's metadata names them."""
     if opts.nuscenes is None:
         return folder_set(folders, cfg), {"data": str(opts.data)}

@@ -24,6 +24,7 @@ class GraphResult:
     lint: dict = field(default_factory=dict)  # lean.lint's findings and MAC split
     simplify: dict = field(default_factory=dict)  # nodes before and after
     build_command: str = ""
+    fp32_islands: list = field(default_factory=list)  # lean.islands.Island.to_json() of this file
 
     @property
     def max_error(self) -> float:
@@ -101,10 +102,18 @@ def summary_table(report: ExportReport) -> str:
             for k, v in g.lint["macs"].items():
                 total[k] = total.get(k, 0) + v
         lines.append(f"both files: MACs {describe(total)}")
+    target = report.facts.get("target") or {}
+    islands = target.get("fp32_islands") or []
+    if target.get("fp32_bound") is not None or islands:
+        lines += ["", f"FP32 islands: {len(islands)}" + (f" (tensors above max |x| {target['fp32_bound']:g} measured in "
+                                                          "FP32 on the data" if target.get("fp32_bound") else " (")
+                  + (f"; kept by --keep-fp32 {','.join(target['keep_fp32'])})" if target.get("keep_fp32") else ")")]
+        for i in islands:
+            why = f"{i['tensor']} max |x| {i['max']:.4g}" if i["tensor"] else f"--keep-fp32 {','.join(i['keep_fp32'])}"
+            lines.append(f"  {i['file']}: {len(i['nodes'])} nodes from {i['nodes'][0]}: {why}")
     ckpt = report.facts.get("checkpoint")
     if ckpt:
         lines += ["", f"checkpoint {ckpt['path']}: {ckpt['source_format']} format, {ckpt.get('variant', '?')}"]
-    target = report.facts.get("target")
     if target:
         lines += ["", f"TensorRT {target['tensorrt']} ({target['runtimes']}): {target['typing']}, I/O {target['io'].upper()}, "
                   f"opset {report.facts.get('opset')}. Build the engines with:"]

@@ -35,8 +35,10 @@ class Target:
             why = "Q/DQ with FP16 scales need opset 19" if self.typed else "TensorRT 8 parses opsets 13 to 17"
             raise LeanError(f"--opset {opset} does not fit --tensorrt {self.name}: choose {lo} to {hi} ({why})")
 
-    def build_command(self, onnx_path: Path, inputs: int, outputs: int, precision: str) -> str:
-        """The trtexec command that builds ``onnx_path`` into an engine beside it."""
+    def build_command(self, onnx_path: Path, inputs: int, outputs: int, precision: str,
+                      fp32_layers: list[str] = ()) -> str:
+        """The trtexec command that builds ``onnx_path`` into an engine beside it. ``fp32_layers``:
+        a classic graph's FP32 islands (a typed graph holds its islands in the file)."""
         cmd = f"trtexec --onnx={onnx_path} --saveEngine={onnx_path.with_suffix('.plan')}"
         if self.name == "10":
             return cmd + " --stronglyTyped"
@@ -44,6 +46,9 @@ class Target:
             return cmd
         # CUDA-BEVFusion's tool/build_trt_engine.sh: FP16 bindings, chw layout.
         flags = " --fp16" + (" --int8" if precision == "int8" else "")
+        if fp32_layers:  # TensorRT 8.5+: per-layer precision, layers named after the ONNX nodes
+            spec = ",".join(f"{name}:fp32" for name in fp32_layers)
+            flags += f" --precisionConstraints=obey '--layerPrecisions={spec}' '--layerOutputTypes={spec}'"
         return (cmd + flags + " --inputIOFormats=" + ",".join(["fp16:chw"] * inputs)
                 + " --outputIOFormats=" + ",".join(["fp16:chw"] * outputs))
 

@@ -23,6 +23,7 @@ from torch import nn
 
 import lean
 from lean.errors import LeanError
+from lean.names import KEPT_METADATA, unique
 from lean.quant.qdq import quantize_dequantize
 
 EXPORTER_MIN_OPSET = 18
@@ -106,14 +107,19 @@ def trace(module: nn.Module, inputs: dict[str, torch.Tensor], output_names: list
 
 
 def to_proto(model, opset: int):
-    """ONNX IR model -> ModelProto at ``opset``, without the exporter's per-node metadata (stack
-    traces with the exporting machine's paths: the same export gives the same bytes anywhere)."""
+    """ONNX IR model -> ModelProto at ``opset``. Nodes keep only the module-scope metadata
+    (``lean.names.KEPT_METADATA``): no stack traces with the exporting machine's paths, so the
+    same export gives the same bytes anywhere."""
     import onnx_ir as ir
 
     proto = ir.to_proto(model)
-    for item in (*proto.graph.node, *proto.graph.value_info, *proto.graph.input, *proto.graph.output,
-                 *proto.graph.initializer):
+    for item in (*proto.graph.value_info, *proto.graph.input, *proto.graph.output, *proto.graph.initializer):
         del item.metadata_props[:]
+    for node in proto.graph.node:
+        kept = [(p.key, p.value) for p in node.metadata_props if p.key in KEPT_METADATA]
+        del node.metadata_props[:]
+        for key, value in kept:
+            node.metadata_props.add(key=key, value=value)
     _drop_reshape_allowzero(proto)
     if opset < EXPORTER_MIN_OPSET:
         to_opset(proto, opset)
@@ -170,31 +176,37 @@ def _spell_out_layer_norms(proto) -> None:
     from onnx import helper, numpy_helper
 
     nodes = []
+    taken = {n.name for n in proto.graph.node}
     for node in proto.graph.node:
         if node.op_type != "LayerNormalization":
             nodes.append(node)
             continue
+        scope = node.name.rsplit("/", 1)[0] if node.name.startswith("/") else ""
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         outputs = [o for o in node.output if o]
         if attrs.get("axis", -1) != -1 or len(outputs) > 1:
             raise LeanError(f"{node.name}: LayerNormalization over axis {attrs.get('axis')} has no opset-13 form here: "
                             "use --opset 17")
         x, scale, bias = (list(node.input) + [""] * 3)[:3]
-        p = node.name or node.output[0]
+        p = node.output[0]  # tensor names of the spelled-out steps
         eps = numpy_helper.from_array(np.array(attrs.get("epsilon", 1e-5), np.float32), f"{p}_eps")
         proto.graph.initializer.append(eps)
-        add = [helper.make_node("Add", [f"{p}_scaled", bias], [node.output[0]], name=f"{p}_bias")] if bias else []
-        nodes += [
-            helper.make_node("ReduceMean", [x], [f"{p}_mean"], axes=[-1], name=f"{p}_mean"),
-            helper.make_node("Sub", [x, f"{p}_mean"], [f"{p}_d"], name=f"{p}_sub"),
-            helper.make_node("Mul", [f"{p}_d", f"{p}_d"], [f"{p}_sq"], name=f"{p}_sq"),
-            helper.make_node("ReduceMean", [f"{p}_sq"], [f"{p}_var"], axes=[-1], name=f"{p}_var"),
-            helper.make_node("Add", [f"{p}_var", eps.name], [f"{p}_ve"], name=f"{p}_eps_add"),
-            helper.make_node("Sqrt", [f"{p}_ve"], [f"{p}_std"], name=f"{p}_sqrt"),
-            helper.make_node("Div", [f"{p}_d", f"{p}_std"], [f"{p}_n"], name=f"{p}_div"),
-            helper.make_node("Mul", [f"{p}_n", scale], [f"{p}_scaled" if bias else node.output[0]], name=f"{p}_scale"),
-            *add,
+        steps = [
+            ("ReduceMean", [x], f"{p}_mean", {"axes": [-1]}),
+            ("Sub", [x, f"{p}_mean"], f"{p}_d", {}),
+            ("Mul", [f"{p}_d", f"{p}_d"], f"{p}_sq", {}),
+            ("ReduceMean", [f"{p}_sq"], f"{p}_var", {"axes": [-1]}),
+            ("Add", [f"{p}_var", eps.name], f"{p}_ve", {}),
+            ("Sqrt", [f"{p}_ve"], f"{p}_std", {}),
+            ("Div", [f"{p}_d", f"{p}_std"], f"{p}_n", {}),
+            ("Mul", [f"{p}_n", scale], f"{p}_scaled" if bias else node.output[0], {}),
         ]
+        if bias:
+            steps.append(("Add", [f"{p}_scaled", bias], node.output[0], {}))
+        for op, inputs, output, kw in steps:
+            new = helper.make_node(op, inputs, [output], name=unique(f"{scope}/{op}", taken), **kw)
+            new.metadata_props.extend(node.metadata_props)  # the same module made it
+            nodes.append(new)
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
 

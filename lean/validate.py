@@ -16,6 +16,7 @@ import torch
 
 from lean.bev import pool_to_bev
 from lean.errors import LeanError
+from lean.names import branch_path, scope_map
 from lean.plot import plot_bev
 
 
@@ -56,10 +57,22 @@ def tolerance(precision: str, typed: bool, bev: bool = False) -> Tolerance:
     return (BEV_TOLERANCES.get((precision, typed)) if bev else None) or TOLERANCES[(precision, typed)]
 
 
+def nonfinite(x) -> int:
+    """How many elements of ``x`` are NaN or infinite."""
+    return int((~torch.isfinite(torch.as_tensor(x))).sum())
+
+
 def compare(got, ref, tolerance: Tolerance) -> dict:
-    """Error stats of one output and whether it passes ``tolerance``."""
+    """Error stats of one output and whether it passes ``tolerance``. NaN or Inf in either side
+    fails first: every comparison against a threshold is false for NaN."""
     ref = torch.as_tensor(ref).double().flatten()
     got = torch.as_tensor(got).double().flatten()
+    bad_ref, bad_got = nonfinite(ref), nonfinite(got)
+    if bad_ref or bad_got:
+        which = f"{bad_got} of {got.numel()} elements are NaN or Inf" if bad_got else \
+            f"the reference holds {bad_ref} NaN or Inf elements of {ref.numel()}"
+        return {"max_abs_err": None, "cosine": None, "tolerance": None, "ref_max_abs": None, "ok": False,
+                "nonfinite": bad_got, "failed": which}
     err = (got - ref).abs().max().item()
     scale = ref.abs().max().item()
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=0).item() if scale > 0 else 1.0
@@ -68,7 +81,7 @@ def compare(got, ref, tolerance: Tolerance) -> dict:
     if tolerance.min_cosine is not None and cos < tolerance.min_cosine:
         failed.append(f"cosine {cos:.6f} < {tolerance.min_cosine}")
     return {"max_abs_err": err, "cosine": cos, "tolerance": tol, "ref_max_abs": scale, "ok": not failed,
-            "failed": "; ".join(failed)}
+            "nonfinite": 0, "failed": "; ".join(failed)}
 
 
 # ORT's basic level rewrites a float conv bias behind Q/DQ'd input and weight into an int32 bias
@@ -78,7 +91,7 @@ def compare(got, ref, tolerance: Tolerance) -> dict:
 ORT_DISABLED_OPTIMIZERS = ["WeightBiasQuantization"]
 
 
-def ort_session(path: Path):
+def ort_session(path: Path | bytes):
     """An ONNX Runtime CPU session that computes what the graph says.
 
     Basic optimizations only: ORT's extended level fuses Q/DQ pairs into its own int8 kernels
@@ -92,7 +105,7 @@ def ort_session(path: Path):
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.enable_cpu_mem_arena = False  # one run per session: an arena only raises the export's peak memory
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), opts, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=ORT_DISABLED_OPTIMIZERS)
 
 
@@ -126,8 +139,54 @@ def validate(path: Path, inputs: dict[str, torch.Tensor], reference: dict[str, t
     bad = [n for n, s in stats.items() if not s["ok"]]
     if bad:
         s = stats[bad[0]]
-        raise LeanError(f"{name} does not compute what PyTorch computes: {bad[0]} {s['failed']}; nothing was written")
+        where = f" (first made by {_first_nonfinite(path, session, inputs)})" if s["nonfinite"] else ""
+        raise LeanError(f"{name} does not compute what PyTorch computes: {bad[0]} {s['failed']}{where}; "
+                        "nothing was written")
     return stats, got
+
+
+def _first_nonfinite(path: Path, session, inputs: dict[str, torch.Tensor]) -> str:
+    """The first node of the file (in graph order) whose output holds NaN or Inf on ``inputs``."""
+    import onnx
+
+    from lean.ranges import measure
+
+    ranges = measure(onnx.load(str(path)), [feeds(session, inputs)])
+    if not ranges.nonfinite:
+        return "no node: the outputs alone"
+    key = ranges.nonfinite[0]
+    return f"{key}, module {ranges.modules.get(key) or '(graph)'}, max |x| {ranges.max.get(key, 0):.4g}"
+
+
+@torch.no_grad()
+def check_reference(out: dict[str, torch.Tensor], module: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                    name: str, branch: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``out``, PyTorch's FP32 outputs of ``module``, if finite; else a one-line error naming the
+    first module whose output held NaN or Inf (found by running ``module`` again with hooks)."""
+    bad = {k: nonfinite(v) for k, v in out.items()}
+    if not any(bad.values()):
+        return out
+    first = []
+
+    def hook(mod, args, result):
+        if not first and isinstance(result, torch.Tensor) and nonfinite(result):
+            first.append((paths[mod], nonfinite(result), result.numel()))
+
+    paths = {m: n for n, m in module.named_modules()}
+    # A hook runs as its module returns: the first to see NaN is the innermost module that made it.
+    handles = [m.register_forward_hook(hook) for m in paths]
+    try:
+        module(*inputs.values())
+    finally:
+        for h in handles:
+            h.remove()
+    output, count = next((k, v) for k, v in bad.items() if v)
+    where = "in no single module"
+    if first:
+        path, n, total = first[0]
+        where = f"first in module {branch_path(path, scope_map(module, branch)) or '(top level)'} ({n} of {total} values)"
+    raise LeanError(f"the checkpoint's FP32 forward makes NaN or Inf on the data ({output} of {name}: {count} "
+                    f"elements), {where}: the weights are broken or not for this model")
 
 
 @torch.no_grad()

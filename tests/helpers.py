@@ -54,3 +54,39 @@ def one_line(excinfo) -> str:
     text = str(excinfo.value)
     assert text and "\n" not in text
     return text
+
+
+def planted(src, dst, **edits):
+    """A copy of the float checkpoint ``src`` with ``edits`` (key with '__' for '.', -> a function
+    of the tensor giving the new tensor) applied: how trained networks look where a few channels
+    carry huge activations (a SwinT residual stream at 1e5, a ResNet pre-activation past FP16's
+    range whose next layer has small weights for it)."""
+    from lean.checkpoint import read_checkpoint, save_official
+
+    sd = dict(read_checkpoint(src).state_dict)
+    for key, edit in edits.items():
+        key = key.replace("__", ".")
+        sd[key] = edit(sd[key].clone())
+    save_official(dst, sd)
+    return dst
+
+
+def setting(index, value):
+    """An edit for ``planted``: ``t[index] = value``."""
+    def edit(t):
+        t[index] = value
+        return t
+    return edit
+
+
+def scaling(index, factor):
+    """An edit for ``planted``: ``t[index] *= factor``."""
+    def edit(t):
+        t[index] *= factor
+        return t
+    return edit
+
+
+MASSIVE_SWINT = {"backbone__stages__2__blocks__0__ffn__layers__1__bias": setting([5, 77, 300], 1e5)}
+BIG_RESNET = {"backbone__layer3__2__bn2__bias": setting([7], 1e5),
+              "backbone__layer3__2__conv3__weight": scaling((slice(None), 7), 1e-5)}

@@ -6,20 +6,21 @@ import pytest
 
 from lean.checkpoint import read_checkpoint
 from lean.errors import LeanError
-from lean.quantize import PTQOptions, calibration_folders, run_ptq
+from lean.data import sample_folders
+from lean.quantize import PTQOptions, run_ptq
 
 from helpers import one_line
 
 
-def test_calibration_folders(tmp_path, example_dir):
-    assert calibration_folders(example_dir) == [example_dir]
+def test_sample_folders(tmp_path, example_dir):
+    assert sample_folders(example_dir) == [example_dir]
     for name in ("b", "a"):
         shutil.copytree(example_dir, tmp_path / "many" / name)
     (tmp_path / "many" / "notes").mkdir()
-    assert calibration_folders(tmp_path / "many") == [tmp_path / "many" / "a", tmp_path / "many" / "b"]
+    assert sample_folders(tmp_path / "many") == [tmp_path / "many" / "a", tmp_path / "many" / "b"]
     for bad, word in ((tmp_path / "nope", "not a folder"), (tmp_path / "many" / "notes", "no samples")):
         with pytest.raises(LeanError) as e:
-            calibration_folders(bad)
+            sample_folders(bad)
         assert word in one_line(e)
 
 

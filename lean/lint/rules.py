@@ -11,7 +11,7 @@ from onnx import TensorProto
 from lean.contract import SPECS, shape_problems
 from lean.lint.graph import MAC_OPS, PASS_THROUGH, QDQ, GraphView
 from lean.lint.operators import OPSETS, known, unsupported
-from lean.typecheck import FLOATS, NAMES
+from lean.typecheck import FLOATS, NAMES, declared_islands
 
 OK, WARNING, ERROR = "ok", "warning", "error"
 NORMAL_MIN = {TensorProto.FLOAT16: 2.0**-14, TensorProto.FLOAT: float(np.finfo(np.float32).tiny)}
@@ -94,13 +94,20 @@ def typing_compute(g: GraphView, target: str) -> Finding:
     if target == "8":
         off = [g.label(n) for n, t in computed if t != TensorProto.FLOAT]
         return Finding("typing.compute", WARNING if off else OK, off, "FP16 tensors in a classic graph")
-    fp32 = [g.label(n) for n, t in computed if t == TensorProto.FLOAT and n.op_type not in ("Cast", "Constant")]
+    declared = {n.name for n in declared_islands(g.proto)}
+    fp32 = [n for n, t in computed if t == TensorProto.FLOAT and n.op_type not in ("Cast", "Constant")]
     fp16 = [n for n, t in computed if t == TensorProto.FLOAT16]
-    if fp32 and not fp16:
+    undeclared = [g.label(n) for n in fp32 if n.name not in declared]
+    if undeclared and not fp16:
         what = ("every layer outside Q/DQ runs in FP32 (the quantized convs still run INT8)" if _has_qdq(g)
                 else "an FP32 graph: TensorRT 10/11 build an FP32 engine from it")
-        return Finding("typing.compute", ERROR, fp32, what)
-    return Finding("typing.compute", WARNING if fp32 else OK, fp32, "FP32 islands" if fp32 else "")
+        return Finding("typing.compute", ERROR, undeclared or [g.label(n) for n in fp32], what)
+    island = len(fp32) - len(undeclared)
+    note = f"{island} nodes in FP32 islands the file declares (lean.fp32)" if island else ""
+    if undeclared:
+        return Finding("typing.compute", ERROR, undeclared,
+                       "FP32 compute the file does not declare" + (f"; {note}" if note else ""))
+    return Finding("typing.compute", OK, [], note)
 
 
 def typing_casts(g: GraphView, target: str) -> Finding:
