@@ -158,8 +158,11 @@ class _GraphWriter:
             return [], []
         if not self.target.typed:  # the builder decides precision: the islands become build flags
             islands = make_islands(model, ranges, BOUND, kept, apply=False)
-            qdq = {n.name for n in model.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
-            return islands, [n for i in islands for n in i.nodes if n not in qdq]
+            # Q/DQ and the layers they quantize keep the precision their Q/DQ give them.
+            quantized = {n.name for n in model.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                         or any(v is not None and v.producer() is not None
+                                and v.producer().op_type == "DequantizeLinear" for v in n.inputs)}
+            return islands, [n for i in islands for n in i.nodes if n not in quantized]
         return make_islands(model, ranges, BOUND, kept, source=self.weights), []
 
 

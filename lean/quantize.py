@@ -13,16 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lean
-from lean.build import build_folded, resolve_config, resolve_device, versions
+from lean.build import build_folded, build_quantized, resolve_config, resolve_device, versions
 from lean.checkpoint import read_checkpoint, save_checkpoint
 from lean.config import DEFAULT_DATA, DEMO_FLOAT_CKPT, DEMO_PTQ_CKPT
-from lean.data import sample_folders
+from lean.data import backbone_inputs, sample_folders
 from lean.errors import LeanError
 from lean.io import clean_stale, ensure_writable
 from lean.loader import FrameSet, Stream, folder_set, nuscenes_set
 from lean.log import logger
 from lean.nuscenes import DEFAULT_SAMPLES, DEFAULT_SPLIT, SWEEPS, check_dataroot, plan_samples
 from lean.quant.modelopt import calibrate, insert_quantizers, quant_config
+from lean.ranges import record
 
 
 @dataclass
@@ -42,6 +43,7 @@ class PTQOptions:
     cameras: int | None = None
     quantize_downsample: bool = False
     progress: bool = True  # a progress bar on stderr
+    ranges: bool = True  # record every tensor's FP32 range for the export's FP32 islands
 
 
 def run_ptq(opts: PTQOptions) -> dict:
@@ -81,6 +83,15 @@ def run_ptq(opts: PTQOptions) -> dict:
     with _progress(batches, f"calibrating ({opts.method})", opts.progress) as bar:  # closed before any error prints
         seen = calibrate(model, samples(), opts.method, progress=lambda n: bar.update(1))
     seconds = time.perf_counter() - t
+    ranges = None
+    if opts.ranges:
+        # The FP16 range record (lean.ranges) of the model the export will build from this file.
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        export_model = build_quantized(cfg, state).to(device)
+        with _progress(batches, "measuring FP32 ranges", opts.progress) as bar:
+            ranges = record(export_model, _rig_samples(Stream(frames, batches, device, opts.workers)),
+                            progress=lambda: bar.update(1))
+        del export_model
     meta = {
         "calibration": {"method": opts.method, "batches": seen, "samples": len(frames), **source,
                         # No wall time: two runs of the same calibration write the same bytes.
@@ -89,12 +100,21 @@ def run_ptq(opts: PTQOptions) -> dict:
         "versions": versions(),
         "producer": f"lean {lean.__version__}",
     }
+    if ranges is not None:
+        meta["ranges"] = ranges
     if "note" in ckpt.meta:
         meta["note"] = ckpt.meta["note"]
     save_checkpoint(opts.out, model.state_dict(), "ptq", cfg, meta)
     logger.info("wrote %s (%d samples in %.1f s, %.1f samples/s; %.1f s of it waiting for data)",
                 opts.out, seen, seconds, seen / seconds, stream.waited)
     return meta
+
+
+def _rig_samples(stream: Stream):
+    """(backbone inputs, rig) of each frame of ``stream``."""
+    for frame in stream:
+        img, depth = frame.inputs()
+        yield backbone_inputs(img, depth), frame
 
 
 def _check_counts(opts: PTQOptions) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lean.names import MODULE
 from lean.widen import widen
 
 FP16_MAX = 65504.0
@@ -44,7 +45,7 @@ class Ranges:
     def merge(self, other: dict[str, float]) -> None:
         """Take the larger of these and ``other``'s ranges (a checkpoint's record)."""
         for k, v in other.items():
-            if k in self.max and math.isfinite(v):
+            if k in self.max and isinstance(v, (int, float)) and math.isfinite(v):
                 self.max[k] = max(self.max[k], float(v))
 
     def above(self, floor: float) -> dict[str, float]:
@@ -62,50 +63,62 @@ def twin(model, source: dict[str, np.ndarray] | None = None):
 
 
 def measure(proto, feeds: Iterable[dict[str, np.ndarray]]) -> Ranges:
-    """Max |x| of every float tensor made by a node of ``proto`` (an FP32 graph) over ``feeds``."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    from lean.validate import ort_session
-
-    graph = proto.graph
-    floats = _float_outputs(proto)
-    keys, outputs, extra = [], [], []
-    modules = {}
-    for node in graph.node:
-        meta = {p.key: p.value for p in node.metadata_props}
-        for i, out in enumerate(node.output):
-            if out not in floats:
-                continue
-            key = tensor_key(node.name, i)
-            keys.append(key)
-            modules[key] = meta.get("lean.module", "")
-            n = len(keys)
-            extra += [helper.make_node("Abs", [out], [f"lean_abs_{n}"]),
-                      helper.make_node("ReduceMax", [f"lean_abs_{n}"], [f"lean_max_{n}"], keepdims=0),
-                      helper.make_node("IsNaN", [out], [f"lean_isnan_{n}"]),
-                      helper.make_node("Cast", [f"lean_isnan_{n}"], [f"lean_nanf_{n}"], to=TensorProto.FLOAT),
-                      helper.make_node("ReduceMax", [f"lean_nanf_{n}"], [f"lean_nan_{n}"], keepdims=0)]
-            outputs += [helper.make_tensor_value_info(f"lean_max_{n}", floats[out], []),
-                        helper.make_tensor_value_info(f"lean_nan_{n}", TensorProto.FLOAT, [])]
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    probe.graph.node.extend(extra)
-    del probe.graph.output[:]
-    probe.graph.output.extend(outputs)
-    session = ort_session(probe.SerializeToString())
-    ranges = Ranges(modules=modules)
-    bad = set()
+    """Max |x| of every float tensor made by a node of ``proto`` over ``feeds``."""
+    meter = Meter(proto)
     for feed in feeds:
-        got = session.run(None, feed)
-        for j, key in enumerate(keys):
+        meter.add(feed)
+    return meter.ranges()
+
+
+class Meter:
+    """``measure`` one sample at a time: a session over ``proto`` with the reductions added."""
+
+    def __init__(self, proto):
+        import onnx
+        from onnx import TensorProto, helper
+
+        from lean.validate import ort_session
+
+        floats = _float_outputs(proto)
+        self.keys, outputs, extra = [], [], []
+        self.modules = {}
+        for node in proto.graph.node:
+            meta = {p.key: p.value for p in node.metadata_props}
+            for i, out in enumerate(node.output):
+                if out not in floats:
+                    continue
+                key = tensor_key(node.name, i)
+                self.keys.append(key)
+                self.modules[key] = meta.get(MODULE, "")
+                n = len(self.keys)
+                extra += [helper.make_node("Abs", [out], [f"lean_abs_{n}"]),
+                          helper.make_node("ReduceMax", [f"lean_abs_{n}"], [f"lean_max_{n}"], keepdims=0),
+                          helper.make_node("IsNaN", [out], [f"lean_isnan_{n}"]),
+                          helper.make_node("Cast", [f"lean_isnan_{n}"], [f"lean_nanf_{n}"], to=TensorProto.FLOAT),
+                          helper.make_node("ReduceMax", [f"lean_nanf_{n}"], [f"lean_nan_{n}"], keepdims=0)]
+                outputs += [helper.make_tensor_value_info(f"lean_max_{n}", floats[out], []),
+                            helper.make_tensor_value_info(f"lean_nan_{n}", TensorProto.FLOAT, [])]
+        probe = onnx.ModelProto()
+        probe.CopyFrom(proto)
+        probe.graph.node.extend(extra)
+        del probe.graph.output[:]
+        probe.graph.output.extend(outputs)
+        self.session = ort_session(probe.SerializeToString())
+        self.max: dict[str, float] = {}
+        self.bad: set[str] = set()
+        self.samples = 0
+
+    def add(self, feed: dict[str, np.ndarray]) -> None:
+        got = self.session.run(None, feed)
+        for j, key in enumerate(self.keys):
             m, nan = float(got[2 * j]), float(got[2 * j + 1])
             if nan > 0 or not math.isfinite(m):
-                bad.add(key)
-            ranges.max[key] = max(ranges.max.get(key, 0.0), m if math.isfinite(m) else math.inf)
-        ranges.samples += 1
-    ranges.nonfinite = [k for k in keys if k in bad]
-    return ranges
+                self.bad.add(key)
+            self.max[key] = max(self.max.get(key, 0.0), m if math.isfinite(m) else math.inf)
+        self.samples += 1
+
+    def ranges(self) -> Ranges:
+        return Ranges(dict(self.max), self.modules, [k for k in self.keys if k in self.bad], self.samples)
 
 
 def _float_outputs(proto) -> dict[str, int]:
@@ -114,3 +127,49 @@ def _float_outputs(proto) -> dict[str, int]:
 
     types = value_types(proto)
     return {o: types[o] for n in proto.graph.node for o in n.output if types.get(o) in FLOATS}
+
+
+def graph_proto(wrapper, branch, inputs: dict, outputs: list[str], opset: int = 19):
+    """``wrapper`` traced, optimized and named as the export does, as an FP32 ModelProto."""
+    from lean.names import name_nodes, scope_map
+    from lean.simplify import simplify
+    from lean.trace import trace
+
+    model = trace(wrapper, inputs, outputs, opset)
+    simplify(model)
+    name_nodes(model, scope_map(wrapper, branch))
+    return twin(model)
+
+
+def record(model, samples: Iterable, floor: float = RECORD_FLOOR, progress=None) -> dict:
+    """``lean.ptq``'s record: ranges of both graphs of the export's FP32 ``model`` over ``samples``
+    (each ``(backbone inputs by name, the sample's rig)``), the tensors above ``floor`` per file."""
+    from lean.bev import pool_to_bev
+    from lean.contract import BACKBONE_FILE, VTRANSFORM, VTRANSFORM_FILE, backbone_spec
+    from lean.errors import LeanError
+    from lean.models import BackboneGraph, VTransformGraph
+    from lean.trace import reference
+
+    backbone, vtransform = BackboneGraph(model), VTransformGraph(model)
+    spec = backbone_spec(model.cfg.uses_depth)
+    meters = {}
+    for inputs, rig in samples:
+        out = reference(backbone, inputs, list(spec.outputs))
+        bev = {"feat_in": pool_to_bev(out["camera_feature"], out["camera_depth_weights"], rig, model)}
+        if not meters:
+            meters = {BACKBONE_FILE: Meter(graph_proto(backbone, model, inputs, list(spec.outputs))),
+                      VTRANSFORM_FILE: Meter(graph_proto(vtransform, model, bev, list(VTRANSFORM.outputs)))}
+        for file, feed in ((BACKBONE_FILE, inputs), (VTRANSFORM_FILE, bev)):
+            meters[file].add({k: v.detach().float().cpu().numpy() for k, v in feed.items()})
+        if progress:
+            progress()
+    facts = {"bound": BOUND, "floor": floor}
+    for file, meter in meters.items():
+        ranges = meter.ranges()
+        if ranges.nonfinite:
+            key = ranges.nonfinite[0]
+            raise LeanError(f"the calibrated model makes NaN or Inf at {key} (module {ranges.modules[key] or '(graph)'})"
+                            f" of {file}: check the checkpoint and the calibration data")
+        facts["samples"] = ranges.samples
+        facts[file] = ranges.above(floor)
+    return facts
