@@ -16,6 +16,8 @@ names (``backbone.layer3.3.conv2.weight``). Runs after the optimizer, which re-c
 
 from __future__ import annotations
 
+import ast
+
 SCOPES = "pkg.torch.onnx.name_scopes"
 MODULE = "lean.module"  # node metadata: the module path relative to the camera branch
 FP32_NOTE = "lean.fp32"  # node metadata: why the node computes in FP32 (a declared island, lean.widen)
@@ -72,8 +74,6 @@ def module_of(node) -> str:
     scopes = node.metadata_props.get(SCOPES)
     if not scopes:
         return ""
-    import ast
-
     names = ast.literal_eval(scopes)  # ['', 'branch', 'branch.backbone', ..., '<fx node>']
     return names[-2] if len(names) >= 2 else ""
 
@@ -89,6 +89,18 @@ def name_nodes(model, scopes: dict[str, str]) -> None:
         node.metadata_props[MODULE] = path
         node.name = unique(scoped_name(path, node.op_type), taken)
     for value in list(model.graph.initializers.values()):
-        new = branch_path(value.name, scopes) or value.name
-        if new != value.name and new not in model.graph.initializers:
+        new = branch_path(value.name, scopes) or _folded_name(value)
+        if new and new != value.name and new not in model.graph.initializers:
             value.name = new
+
+
+def _folded_name(value) -> str | None:
+    """A name for a constant the optimizer folded (``val_24``): a Linear's transposed weight is
+    ``<module>.weight.T``; another constant read in one module is ``<module>.<its name>``."""
+    readers = {u.node.metadata_props.get(MODULE, "") for u in value.uses()}
+    if len(readers) != 1 or not next(iter(readers)):
+        return None
+    module = readers.pop()
+    if all(u.node.op_type in ("MatMul", "Gemm") and u.idx == 1 for u in value.uses()):
+        return f"{module}.weight.T"
+    return f"{module}.{value.name}"

@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lean.names import MODULE
+from lean.bev import pool_to_bev
+from lean.contract import BACKBONE_FILE, VTRANSFORM, VTRANSFORM_FILE, backbone_spec
+from lean.errors import LeanError
+from lean.models import BackboneGraph, VTransformGraph
+from lean.names import MODULE, name_nodes, scope_map
+from lean.runtime import ort_session
+from lean.simplify import simplify
+from lean.trace import reference, trace
+from lean.typecheck import FLOATS, value_types
 from lean.widen import widen
 
 FP16_MAX = 65504.0
@@ -77,8 +85,6 @@ class Meter:
         import onnx
         from onnx import TensorProto, helper
 
-        from lean.validate import ort_session
-
         floats = _float_outputs(proto)
         self.keys, outputs, extra = [], [], []
         self.modules = {}
@@ -123,18 +129,12 @@ class Meter:
 
 def _float_outputs(proto) -> dict[str, int]:
     """Node outputs of ``proto`` with a float type, and that type."""
-    from lean.typecheck import FLOATS, value_types
-
     types = value_types(proto)
     return {o: types[o] for n in proto.graph.node for o in n.output if types.get(o) in FLOATS}
 
 
 def graph_proto(wrapper, branch, inputs: dict, outputs: list[str], opset: int = 19):
     """``wrapper`` traced, optimized and named as the export does, as an FP32 ModelProto."""
-    from lean.names import name_nodes, scope_map
-    from lean.simplify import simplify
-    from lean.trace import trace
-
     model = trace(wrapper, inputs, outputs, opset)
     simplify(model)
     name_nodes(model, scope_map(wrapper, branch))
@@ -144,12 +144,6 @@ def graph_proto(wrapper, branch, inputs: dict, outputs: list[str], opset: int = 
 def record(model, samples: Iterable, floor: float = RECORD_FLOOR, progress=None) -> dict:
     """``lean.ptq``'s record: ranges of both graphs of the export's FP32 ``model`` over ``samples``
     (each ``(backbone inputs by name, the sample's rig)``), the tensors above ``floor`` per file."""
-    from lean.bev import pool_to_bev
-    from lean.contract import BACKBONE_FILE, VTRANSFORM, VTRANSFORM_FILE, backbone_spec
-    from lean.errors import LeanError
-    from lean.models import BackboneGraph, VTransformGraph
-    from lean.trace import reference
-
     backbone, vtransform = BackboneGraph(model), VTransformGraph(model)
     spec = backbone_spec(model.cfg.uses_depth)
     meters = {}

@@ -18,6 +18,8 @@ from lean.bev import pool_to_bev
 from lean.errors import LeanError
 from lean.names import branch_path, scope_map
 from lean.plot import plot_bev
+from lean.ranges import measure
+from lean.runtime import feeds, ort_session
 
 
 @dataclass(frozen=True)
@@ -84,37 +86,6 @@ def compare(got, ref, tolerance: Tolerance) -> dict:
             "nonfinite": 0, "failed": "; ".join(failed)}
 
 
-# ORT's basic level rewrites a float conv bias behind Q/DQ'd input and weight into an int32 bias
-# with scale = input scale x weight scale. With FP16 scales that product is often subnormal in
-# FP16, and the biases come out wrong (typed demo INT8 backbone: cosine 0.966 with it, 0.982
-# without). The graph says float bias; TensorRT adds it in float.
-ORT_DISABLED_OPTIMIZERS = ["WeightBiasQuantization"]
-
-
-def ort_session(path: Path | bytes):
-    """An ONNX Runtime CPU session that computes what the graph says.
-
-    Basic optimizations only: ORT's extended level fuses Q/DQ pairs into its own int8 kernels
-    (QLinearConv), whose x86 s8s8 path saturates intermediate sums (errors of half the output
-    range were seen on ResNet50's downsample convs). TensorRT accumulates exactly in int32, so
-    the unfused Q -> DQ -> float conv semantics are the right reference.
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    opts.enable_cpu_mem_arena = False  # one run per session: an arena only raises the export's peak memory
-    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), opts, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=ORT_DISABLED_OPTIMIZERS)
-
-
-def feeds(session, tensors: dict[str, torch.Tensor]) -> dict:
-    """Numpy inputs for ``session``, each in the type its graph input declares (FP16 or FP32)."""
-    dtypes = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in session.get_inputs()}
-    return {k: v.detach().cpu().numpy().astype(dtypes[k]) for k, v in tensors.items()}
-
-
 def validate(path: Path, inputs: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], tolerance: Tolerance,
              name: str | None = None) -> tuple[dict, dict]:
     """onnx.checker (full) and ONNX Runtime against the PyTorch outputs; raises on failure.
@@ -148,8 +119,6 @@ def validate(path: Path, inputs: dict[str, torch.Tensor], reference: dict[str, t
 def _first_nonfinite(path: Path, session, inputs: dict[str, torch.Tensor]) -> str:
     """The first node of the file (in graph order) whose output holds NaN or Inf on ``inputs``."""
     import onnx
-
-    from lean.ranges import measure
 
     ranges = measure(onnx.load(str(path)), [feeds(session, inputs)])
     if not ranges.nonfinite:

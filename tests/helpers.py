@@ -15,6 +15,18 @@ SMALL = CameraConfig(cameras=2, image_size=(64, 176))
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def float_ckpt(folder, example_dir, cfg):
+    """A demo float checkpoint (official layout) of ``cfg`` in ``folder``."""
+    from lean.checkpoint import save_official
+    from lean.data import load_example
+    from lean.scene import make_demo_model
+
+    sample = load_example(example_dir, image_size=cfg.image_size, cameras=cfg.cameras)
+    path = Path(folder) / f"{cfg.backbone}-{cfg.image_size[0]}x{cfg.image_size[1]}.pth"
+    save_official(path, make_demo_model(cfg, sample).state_dict())
+    return path
+
+
 def python(*args, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
     """``python ARGS`` in a child process, as a user runs it from ``cwd``, with the project importable."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -90,3 +102,44 @@ def scaling(index, factor):
 MASSIVE_SWINT = {"backbone__stages__2__blocks__0__ffn__layers__1__bias": setting([5, 77, 300], 1e5)}
 BIG_RESNET = {"backbone__layer3__2__bn2__bias": setting([7], 1e5),
               "backbone__layer3__2__conv3__weight": scaling((slice(None), 7), 1e-5)}
+
+
+class Massive(torch.nn.Module):
+    """x -> fc1 (one output channel's bias at 1e5: a massive activation) -> LayerNorm -> fc2."""
+
+    def __init__(self, big: float = 1e5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.norm, self.fc2 = torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
+        with torch.no_grad():
+            self.fc1.bias[0] = big
+
+    def forward(self, x):
+        return self.fc2(self.norm(self.fc1(x)))
+
+
+def traced(module, x, dtype=torch.float16):
+    """(ir model of ``module`` traced in ``dtype`` and named as the export names, its FP32 weights by name)."""
+    from lean.names import name_nodes, scope_map
+    from lean.simplify import simplify
+    from lean.trace import trace
+
+    import copy
+
+    weights = {k: v.detach().float().numpy() for k, v in module.state_dict().items()}
+    module = copy.deepcopy(module).to(dtype).eval()
+    model = trace(module, {"x": x.to(dtype)}, ["y"], 19)
+    simplify(model)
+    name_nodes(model, scope_map(module, module))
+    return model, weights
+
+
+def run_onnx(proto, x):
+    """ONNX Runtime's output of a one-input graph (the input in the graph's type), as float32."""
+    import numpy as np
+
+    from lean.validate import ort_session
+
+    session = ort_session(proto.SerializeToString())
+    dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+    return session.run(None, {"x": x.numpy().astype(dtype)})[0].astype(np.float32)

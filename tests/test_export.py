@@ -8,16 +8,14 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from lean.checkpoint import infer_config, read_checkpoint, save_official
+from lean.checkpoint import infer_config, read_checkpoint
 from lean.config import CameraConfig
-from lean.data import load_example
 from lean.errors import LeanError
 from lean.export import BACKBONE_FILE, VTRANSFORM_FILE, ExportOptions, export_camera
 from lean.quantize import PTQOptions, run_ptq
-from lean.scene import make_demo_model
 from lean.typecheck import FLOATS, value_types
 
-from helpers import SMALL, onnx_io
+from helpers import SMALL, float_ckpt, onnx_io
 
 
 def export(ckpt, out, data, **kw):
@@ -187,13 +185,6 @@ def test_quantized_downsample_exports_with_qdq(tmp_path, small_float_ckpt, examp
 
 
 # -- rigs ------------------------------------------------------------------------------------------
-def float_ckpt(tmp_path, example_dir, cfg):
-    sample = load_example(example_dir, image_size=cfg.image_size, cameras=cfg.cameras)
-    path = tmp_path / f"{cfg.backbone}-{cfg.image_size[0]}x{cfg.image_size[1]}.pth"
-    save_official(path, make_demo_model(cfg, sample).state_dict())
-    return path
-
-
 @pytest.fixture(scope="module")
 def swint_ckpts(tmp_path_factory, example_dir):
     folder = tmp_path_factory.mktemp("swint")

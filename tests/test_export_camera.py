@@ -34,6 +34,13 @@ def test_float_checkpoint_without_fp16_asks_for_ptq(tmp_path, small_float_ckpt):
     assert_one_line_error(cli("--ckpt", small_float_ckpt, "--out", tmp_path / "o"), "lean.ptq", "--fp16")
 
 
+def test_keep_fp32_flags_are_checked(tmp_path, small_ptq_ckpt, example_dir):
+    common = ("--ckpt", small_ptq_ckpt, "--cameras", "2", "--data", example_dir, "--out", tmp_path / "o")
+    assert_one_line_error(cli(*common, "--keep-fp32", "backbone.layer9.*"), "--keep-fp32 backbone.layer9.*",
+                          "matches no module")
+    assert_one_line_error(cli(*common, "--keep-fp32", "neck.*", "--no-fp32-islands"), "contradict")
+
+
 def test_verbose_shows_the_traceback(tmp_path):
     r = cli("--ckpt", tmp_path / "nope.pth", "--verbose")
     assert r.returncode == 2 and "Traceback" in r.stderr

@@ -7,7 +7,9 @@ import pytest
 from lean.checkpoint import read_checkpoint
 from lean.errors import LeanError
 from lean.data import sample_folders
+from lean.contract import BACKBONE_FILE, VTRANSFORM_FILE
 from lean.quantize import PTQOptions, run_ptq
+from lean.ranges import BOUND
 
 from helpers import one_line
 
@@ -42,6 +44,23 @@ def test_ptq_checkpoint_holds_amax_config_and_provenance(small_ptq_ckpt, small_f
     assert (cal["method"], cal["batches"], cal["samples"]) == ("max", 1, 1)
     assert ckpt.meta["source"]["sha256"] == read_checkpoint(small_float_ckpt).sha256
     assert "nvidia-modelopt" in ckpt.meta["versions"]
+    ranges = ckpt.meta["ranges"]  # every tensor above the floor, keyed by node name: the demo has none
+    assert (ranges["bound"], ranges["samples"]) == (BOUND, 1) and ranges["floor"] < ranges["bound"]
+    assert set(ranges) == {"bound", "floor", "samples", BACKBONE_FILE, VTRANSFORM_FILE}
+    assert all(k.startswith("/") and v > ranges["floor"] for k, v in ranges[BACKBONE_FILE].items())
+    assert not any(v > BOUND for v in ranges[BACKBONE_FILE].values())
+
+
+def test_ptq_records_a_massive_activation(tmp_path, small_float_ckpt, example_dir):
+    from helpers import BIG_RESNET, planted
+
+    src = planted(small_float_ckpt, tmp_path / "big.pth", **BIG_RESNET)
+    run_ptq(PTQOptions(ckpt=src, out=tmp_path / "ptq.pth", data=example_dir, method="max", progress=False))
+    recorded = read_checkpoint(tmp_path / "ptq.pth").meta["ranges"][BACKBONE_FILE]
+    assert recorded["/backbone/layer3/layer3.2/conv2/Conv"] > 9e4
+    run_ptq(PTQOptions(ckpt=src, out=tmp_path / "no.pth", data=example_dir, method="max", progress=False,
+                       ranges=False))
+    assert "ranges" not in read_checkpoint(tmp_path / "no.pth").meta
 
 
 def test_camera_only_branch_needs_no_lidar_points(tmp_path, example_dir):

@@ -29,6 +29,14 @@ def test_summary_table(tmp_path):
     assert lines[2].split() == ["out/camera.backbone.onnx", "3.0", "MB", "149", "0", "2.5s", "3e-05", "1.000000"]
     assert lines[3].startswith("BEV map")
     assert report.to_json()["files"]["camera.backbone.onnx"]["nodes"] == 149
+    island = {"file": "camera.backbone.onnx", "nodes": ["/backbone/layer3/layer3.2/conv2/Conv", "/x/Relu"],
+              "tensor": "/backbone/layer3/layer3.2/conv2/Conv", "max": 1.0e5, "bound": 8192.0, "keep_fp32": []}
+    report.facts["target"] = {"tensorrt": "10", "runtimes": "TensorRT 10", "typing": "strongly typed", "io": "fp16",
+                              "fp32_islands": [island], "fp32_bound": 8192.0, "keep_fp32": []}
+    text = summary_table(report)
+    assert "FP32 islands: 1 (tensors above max |x| 8192 measured in FP32 on the data)" in text
+    assert "camera.backbone.onnx: 2 nodes from /backbone/layer3/layer3.2/conv2/Conv: " \
+           "/backbone/layer3/layer3.2/conv2/Conv max |x| 1e+05" in text
 
 
 def test_stages_time_and_log(caplog):

@@ -64,3 +64,53 @@ def test_a_wrong_scale_fails_validation(request, export, typed, tmp_path, exampl
     validate(src, inputs, reference, tolerance("int8", typed))  # the good graph passes against itself
     with pytest.raises(LeanError):
         validate(broken, inputs, reference, tolerance("int8", typed))
+
+
+@pytest.mark.parametrize("tol", [FLOAT, INT8, tolerance("fp16", True)])
+def test_nan_or_inf_never_passes(tol):
+    ref = torch.linspace(-1, 1, 100)
+    for bad in (float("nan"), float("inf")):
+        got = ref.clone()
+        got[7] = bad
+        stats = compare(got, ref, tol)
+        assert not stats["ok"] and stats["nonfinite"] == 1 and "1 of 100 elements are NaN or Inf" in stats["failed"]
+        stats = compare(ref, got, tol)  # a broken reference fails too, with its own message
+        assert not stats["ok"] and "reference holds 1 NaN or Inf" in stats["failed"]
+
+
+def test_a_nan_output_names_the_first_node_that_made_it(small_int8_export, tmp_path, example_dir):
+    """A weight turned to NaN in the middle of the graph: the message names that node, not a cosine."""
+    src = small_int8_export[1] / BACKBONE_FILE
+    model = onnx.load(str(src))
+    inits = {i.name: i for i in model.graph.initializer}
+    bias = inits["backbone.layer2.0.conv2.bias"]
+    arr = numpy_helper.to_array(bias).copy()
+    arr[0] = float("nan")
+    bias.CopyFrom(numpy_helper.from_array(arr, bias.name))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, str(broken))
+    good = ort_session(src)
+    _, img, depth = load_inputs(example_dir, SMALL)
+    inputs = {"img": img, "depth": depth}
+    ref = dict(zip([o.name for o in good.get_outputs()], map(torch.from_numpy, good.run(None, feeds(good, inputs)))))
+    with pytest.raises(LeanError) as e:
+        validate(broken, inputs, ref, tolerance("int8", True), BACKBONE_FILE)
+    text = str(e.value)
+    assert "NaN or Inf" in text and "first made by /backbone/layer2/layer2.0/conv2/Conv" in text
+    assert "module backbone.layer2.0.conv2" in text
+
+
+def test_check_reference_names_the_first_module_with_inf():
+    from lean.validate import check_reference
+
+    branch = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    with torch.no_grad():
+        branch[0].bias.fill_(3e38)
+        branch[2].weight.fill_(10.0)
+    x = {"x": torch.ones(1, 4)}
+    out = {"y": branch(x["x"])}
+    with pytest.raises(LeanError) as e:
+        check_reference(out, branch, x, "graph", branch)
+    assert "first in module 2 (4 of 4 values)" in str(e.value)
+    fine = {"y": torch.ones(2)}
+    assert check_reference(fine, branch, x, "graph", branch) is fine

@@ -5,6 +5,7 @@ from onnx import helper
 
 from lean.lint.check import lint_model
 from lean.lint.rules import ERROR, OK, WARNING, RULES
+from lean.names import FP32_NOTE
 
 from lint.graphs import F16, F32, Builder, quantized_block
 
@@ -61,7 +62,13 @@ def test_typing_compute():
     assert verdict(quantized_block(F32, opset=13), "typing.compute", "8") == OK
     b = Builder(F16)
     island = b.node("Cast", [b.node("Softmax", [b.node("Cast", [b.node("Relu", ["x"])], to=F32)])], to=F16)
-    assert verdict(b.model(b.node("Relu", [island])), "typing.compute") == WARNING  # an FP32 island, listed
+    model = b.model(b.node("Relu", [island]))
+    finding = next(f for f in lint_model(model, "10").findings if f.rule == "typing.compute")
+    assert finding.verdict == ERROR and finding.offenders == ["softmax3"]  # FP32 compute nobody declared
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    softmax.metadata_props.add(key=FP32_NOTE, value="--keep-fp32 x")  # an island the file declares
+    finding = next(f for f in lint_model(model, "10").findings if f.rule == "typing.compute")
+    assert finding.verdict == OK and "1 nodes in FP32 islands" in finding.note
     assert verdict(_cast_io(), "typing.compute") == OK
 
 
