@@ -212,6 +212,58 @@ def throughput(ckpt: str, tree: str, device: str, samples: int = 100, method: st
             "waited_for_data_share": (w_b - w_a) / (t_b - t_a), "peak_rss_mb": peak_rss_mb()}
 
 
+def ranges(ckpt: str, tree: str, device: str, samples: int = 8) -> dict:
+    """The FP32 range measurement of the export's backbone graph (``lean.ranges``) over samples of a
+    nuScenes tree: what it costs against a plain ONNX Runtime run of the same graph, how far each
+    tensor's max over all samples is from its max on one sample (the headroom the bound must
+    leave), and the largest tensor (the demo's islands)."""
+    import numpy as np
+    import torch
+
+    from lean.build import build_model, resolve_config
+    from lean.checkpoint import read_checkpoint
+    from lean.data import backbone_inputs
+    from lean.loader import Stream, nuscenes_set
+    from lean.models import BackboneGraph
+    from lean.nuscenes import plan_samples
+    from lean.ranges import BOUND, Meter, graph_proto
+    from lean.runtime import ort_session
+
+    samples = int(samples)
+    ck = read_checkpoint(ckpt)
+    cfg = resolve_config(ck)
+    model = build_model(ck, cfg, "int8" if ck.kind == "ptq" else "fp16").to(device)
+    frames = nuscenes_set(Path(tree), plan_samples(tree, "v1.0-test", "test", samples), cfg)
+    feeds = [{k: v.float().cpu().numpy() for k, v in backbone_inputs(*f.inputs()).items()}
+             for f in Stream(frames, samples, torch.device(device), 0)]
+    graph = BackboneGraph(model)
+    t = time.perf_counter()
+    proto = graph_proto(graph, model, {k: torch.from_numpy(v).to(device) for k, v in feeds[0].items()},
+                        ["camera_feature", "camera_depth_weights"])
+    trace_s = time.perf_counter() - t
+    plain = ort_session(proto.SerializeToString())
+    t = time.perf_counter()
+    for f in feeds:
+        plain.run(None, f)
+    plain_s = (time.perf_counter() - t) / samples
+    t = time.perf_counter()
+    meter = Meter(proto)
+    setup_s = time.perf_counter() - t
+    first = None
+    t = time.perf_counter()
+    for f in feeds:
+        meter.add(f)
+        first = first or dict(meter.max)
+    measure_s = (time.perf_counter() - t) / samples
+    spread = np.array([meter.max[k] / first[k] for k in meter.max if first[k] > 1.0])
+    top = max(meter.max, key=meter.max.get)
+    return {"samples": samples, "tensors": len(meter.max), "trace_s": trace_s, "ort_run_s": plain_s,
+            "measure_setup_s": setup_s, "measure_run_s": measure_s, "largest": top, "largest_max": meter.max[top],
+            "above_bound": sum(v > BOUND for v in meter.max.values()),
+            "spread_max": float(spread.max()), "spread_p99": float(np.percentile(spread, 99)),
+            "spread_median": float(np.median(spread)), "peak_rss_mb": peak_rss_mb()}
+
+
 def _sync(device: str) -> None:
     """Wait for the device's queued work, so a clock read after it counts all of it."""
     import torch
@@ -276,4 +328,4 @@ def latency(onnx_dir: str, data: str, ckpt: str, runs: int = 5) -> dict:
 if __name__ == "__main__":
     what, *args = sys.argv[1:]
     print(json.dumps({"floor": floor, "calibration": calibration, "latency": latency,
-                      "throughput": throughput}[what](*args)))
+                      "throughput": throughput, "ranges": ranges}[what](*args)))

@@ -132,11 +132,23 @@ def machine_name(device: str) -> str:
 
 
 def table(res: dict) -> str:
+    """The results of the parts measured so far (a part never run on this machine has no row)."""
+    rows = ["| measurement | figure | target |", "|---|---|---|"]
+    if "export_int8" in res:
+        rows += _export_rows(res)
+    rows += _other_rows(res)
+    text = "\n".join(rows) + "\n"
+    by_stage = [("INT8 export (TensorRT 10/11 typed)", res.get("export_int8")),
+                ("INT8 export (TensorRT 8 classic)", res.get("export_int8_trt8"))]
+    for label, run in by_stage:
+        if run:
+            text += f"\n{label} by stage: " + " / ".join(f"{k} {v:.1f}s" for k, v in run["stages_s"].items()) + "\n"
+    return text
+
+
+def _export_rows(res: dict) -> list[str]:
     e8, e16, fl = res["export_int8"], res["export_fp16"], res["floor"]
-    cal = res["calibration"]
-    rows = [
-        "| measurement | figure | target |",
-        "|---|---|---|",
+    return [
         f"| INT8 export wall (TensorRT 10/11 typed, from PTQ checkpoint), median of {len(e8['runs_wall_s'])} | {e8['wall_s']:.1f} s "
         f"(runs: {', '.join(f'{w:.1f}' for w in e8['runs_wall_s'])}) | < {TARGETS['export_wall_s']:.0f} s |",
         f"| INT8 export peak RSS (highest run) | {max(e8['runs_peak_rss_mb']):.0f} MB | < {TARGETS['export_peak_rss_mb']:.0f} MB |",
@@ -144,10 +156,12 @@ def table(res: dict) -> str:
         f"of work; whole process {fl['process_wall_s']:.1f} s, peak {fl['peak_rss_mb']:.0f} MB | |",
         f"| INT8 export / floor (whole process each) | {res['export_vs_floor']:.2f}x | < {TARGETS['export_vs_floor']} |",
         f"| FP16 export wall (typed) | {e16['wall_s']:.1f} s, peak {e16['peak_rss_mb']:.0f} MB | |",
-    ]
-    if "export_int8_trt8" in res:
-        c8 = res["export_int8_trt8"]
-        rows.append(f"| INT8 export wall, TensorRT 8 classic | {c8['wall_s']:.1f} s, peak {c8['peak_rss_mb']:.0f} MB | |")
+    ] + ([f"| INT8 export wall, TensorRT 8 classic | {res['export_int8_trt8']['wall_s']:.1f} s, "
+          f"peak {res['export_int8_trt8']['peak_rss_mb']:.0f} MB | |"] if "export_int8_trt8" in res else [])
+
+
+def _other_rows(res: dict) -> list[str]:
+    rows = []
     for key, method in (("calibration", "mse, histogram"), ("calibration_max", "max")):
         if key in res:
             c = res[key]
@@ -173,19 +187,20 @@ def table(res: dict) -> str:
                     + "; ".join(f"{m['samples']}: {m['largest_process_peak_rss_mb']:.0f} / "
                                 f"{m['process_tree_peak_rss_mb']:.0f} MB in {m['wall_s']:.0f} s" for m in runs)
                     + " | flat |")
-    for name, lat in res["latency"].items():
+    if "ranges" in res:
+        r = res["ranges"]
+        rows.append(f"| FP32 range measurement of the backbone graph ({r['samples']} samples, {r['tensors']} tensors) | "
+                    f"{r['measure_run_s']:.2f} s a sample against {r['ort_run_s']:.2f} s for a plain ORT run "
+                    f"(+{r['measure_setup_s']:.1f} s set-up, trace {r['trace_s']:.1f} s); largest tensor "
+                    f"{r['largest_max']:.4g} ({r['above_bound']} above the bound); max over all samples / max on the "
+                    f"first: median {r['spread_median']:.2f}, p99 {r['spread_p99']:.2f}, largest {r['spread_max']:.2f} | |")
+    for name, lat in res.get("latency", {}).items():
         fid = lat["vs_float_pytorch"]["camera_feature"]
         rows.append(f"| ORT CPU latency, {name} backbone graph | {lat['median_s'] * 1000:.0f} ms (median of {lat['runs']}) | "
                     f"cos {fid['cosine']:.4f}, max err {fid['max_abs_err']:.3g} vs float |")
     if "bev_pool" in res:
         rows.append(f"| BEV pooling, full size | {res['bev_pool']['seconds']:.2f} s, peak {res['bev_pool']['peak_rss_mb']:.0f} MB | a few s |")
-    by_stage = [("INT8 export (TensorRT 10/11 typed)", e8)]
-    if "export_int8_trt8" in res:
-        by_stage.append(("INT8 export (TensorRT 8 classic)", res["export_int8_trt8"]))
-    text = "\n".join(rows) + "\n"
-    for label, run in by_stage:
-        text += f"\n{label} by stage: " + " / ".join(f"{k} {v:.1f}s" for k, v in run["stages_s"].items()) + "\n"
-    return text
+    return rows
 
 
 def update_markdown(name: str, device_text: str, text: str) -> None:
@@ -241,7 +256,8 @@ def nuscenes_bench(opts: BenchOptions, tmp: Path) -> dict:
     return out
 
 
-PARTS = ("export", "calibration", "nuscenes", "latency")
+PARTS = ("export", "calibration", "nuscenes", "latency", "ranges")
+RANGE_SAMPLES = 8
 
 
 def run_bench(opts: BenchOptions) -> str:
@@ -279,6 +295,13 @@ def run_bench(opts: BenchOptions) -> str:
         if "nuscenes" in parts:
             print("PTQ from a nuScenes tree on disk ...", file=sys.stderr)
             res.update(nuscenes_bench(opts, Path(tmp)))
+        if "ranges" in parts:
+            print("FP32 range measurement ...", file=sys.stderr)
+            from lean.scene import make_nuscenes_tree
+
+            tree = make_nuscenes_tree(Path(tmp) / "ranges", opts.data, scenes=1, samples_per_scene=RANGE_SAMPLES,
+                                      version="v1.0-test")
+            res["ranges"] = measure("ranges", opts.ckpt, tree, opts.device, RANGE_SAMPLES)["result"]
         if "latency" in parts:
             print("ONNX Runtime latency ...", file=sys.stderr)
             res["latency"] = measure("latency", json.dumps({"FP16 typed": str(out16), "INT8 Q/DQ typed": str(out8),

@@ -243,6 +243,8 @@ def load_inputs(folder, cfg: CameraConfig) -> tuple[Sample, torch.Tensor, torch.
 def sample_folders(data: Path) -> list[Path]:
     """``data`` is one example-data folder, or a folder of them (one sample each)."""
     data = Path(data)
+    if not data.exists():
+        raise LeanError(f"data folder {data}: no such folder: pass an example-data folder or a folder of them")
     if not data.is_dir():
         raise LeanError(f"data {data} is not a folder: pass an example-data folder or a folder of them")
     marker = f"{MATRIX_FILES[0]}.tensor"  # every sample has it; points.tensor only where depth is used

@@ -1,10 +1,11 @@
 """Range measurement: max |x| of every tensor of a graph on data, computed in FP32.
 
 The graph is measured as its FP32 twin (``lean.widen`` over every node, so a tensor that would
-overflow in FP16 is seen at its real size) in ONNX Runtime, with an ``Abs -> ReduceMax`` and an
-``IsNaN`` flag added for every float tensor: ONNX Runtime frees each tensor as usual, so the
-measurement costs one forward plus one reduction per tensor, not the memory of every tensor.
-(ReduceMax skips NaN, hence the flag.) Tensors are keyed by the node that makes them, named by
+overflow in FP16 is seen at its real size) in ONNX Runtime, with ``Abs -> ReduceMax`` and
+``ReduceSum`` added for every float tensor: ONNX Runtime frees each tensor as usual, so the
+measurement costs one forward plus two reductions per tensor, not the memory of every tensor.
+(ReduceMax skips NaN; the sum of |x| is NaN or Inf exactly when an element is, or when the
+tensor is within a factor of its size of FP32's largest value, which is flagged all the same.) Tensors are keyed by the node that makes them, named by
 ``lean.names``, so ranges measured by ``lean.ptq`` on its calibration samples and by the export
 on ``--data`` meet on the same keys.
 """
@@ -78,49 +79,99 @@ def measure(proto, feeds: Iterable[dict[str, np.ndarray]]) -> Ranges:
     return meter.ranges()
 
 
+# Ops whose output's max |x| is at most their float inputs': their range is carried over from the
+# inputs, not measured (a DequantizeLinear's from its QuantizeLinear's input). About half the tensors
+# of an INT8 graph, and the reductions cost as much as the forward.
+CARRIED = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split", "Concat",
+           "Identity", "MaxPool", "Relu", "Expand", "Tile", "DequantizeLinear"}
+
+
 class Meter:
     """``measure`` one sample at a time: a session over ``proto`` with the reductions added."""
 
     def __init__(self, proto):
         import onnx
-        from onnx import TensorProto, helper
+        from onnx import TensorProto, helper, numpy_helper
 
         floats = _float_outputs(proto)
-        self.keys, outputs, extra = [], [], []
-        self.modules = {}
-        for node in proto.graph.node:
+        g = proto.graph
+        producer = {o: (n, i) for n in g.node for i, o in enumerate(n.output) if o}
+        consts = {i.name: i for i in g.initializer}
+        self.keys, self.modules, self.carried = [], {}, []
+        measured, outputs, extra = [], [], []
+
+        def reduce(tensor: str, elem: int) -> None:
+            # One |x|, two reductions: its max, and its sum, which is NaN or Inf exactly when some
+            # element is (ReduceMax alone skips a NaN); summed in FP32, where an FP16 sum would overflow.
+            n = len(measured)
+            extra.append(helper.make_node("Abs", [tensor], [f"lean_abs_{n}"]))
+            wide = f"lean_abs_{n}"
+            if elem != TensorProto.FLOAT:
+                wide = f"lean_abs32_{n}"
+                extra.append(helper.make_node("Cast", [f"lean_abs_{n}"], [wide], to=TensorProto.FLOAT))
+            extra.extend([helper.make_node("ReduceMax", [wide], [f"lean_max_{n}"], keepdims=0),
+                          helper.make_node("ReduceSum", [wide], [f"lean_sum_{n}"], keepdims=0)])
+            outputs.extend([helper.make_tensor_value_info(f"lean_max_{n}", TensorProto.FLOAT, []),
+                            helper.make_tensor_value_info(f"lean_sum_{n}", TensorProto.FLOAT, [])])
+            measured.append(tensor)
+
+        for v in g.input:
+            if v.type.tensor_type.elem_type in FLOATS:
+                reduce(v.name, v.type.tensor_type.elem_type)
+        for node in g.node:
             meta = {p.key: p.value for p in node.metadata_props}
+            sources = self._sources(node, producer)
             for i, out in enumerate(node.output):
                 if out not in floats:
                     continue
                 key = tensor_key(node.name, i)
                 self.keys.append(key)
                 self.modules[key] = meta.get(MODULE, "")
-                n = len(self.keys)
-                extra += [helper.make_node("Abs", [out], [f"lean_abs_{n}"]),
-                          helper.make_node("ReduceMax", [f"lean_abs_{n}"], [f"lean_max_{n}"], keepdims=0),
-                          helper.make_node("IsNaN", [out], [f"lean_isnan_{n}"]),
-                          helper.make_node("Cast", [f"lean_isnan_{n}"], [f"lean_nanf_{n}"], to=TensorProto.FLOAT),
-                          helper.make_node("ReduceMax", [f"lean_nanf_{n}"], [f"lean_nan_{n}"], keepdims=0)]
-                outputs += [helper.make_tensor_value_info(f"lean_max_{n}", floats[out], []),
-                            helper.make_tensor_value_info(f"lean_nan_{n}", TensorProto.FLOAT, [])]
+                if sources is None:
+                    reduce(out, floats[out])
+                    continue
+                const = max((float(np.abs(numpy_helper.to_array(consts[t]).astype(np.float64)).max(initial=0))
+                             for t in sources if t in consts), default=0.0)
+                self.carried.append((out, [t for t in sources if t not in consts], const))
+        self.measured = measured
         probe = onnx.ModelProto()
         probe.CopyFrom(proto)
         probe.graph.node.extend(extra)
         del probe.graph.output[:]
         probe.graph.output.extend(outputs)
         self.session = ort_session(probe.SerializeToString())
+        self.key_of = {o: tensor_key(n.name, i) for o, (n, i) in producer.items()}
         self.max: dict[str, float] = {}
         self.bad: set[str] = set()
         self.samples = 0
 
+    @staticmethod
+    def _sources(node, producer) -> list[str] | None:
+        """The tensors a CARRIED node's range comes from (None: measure it)."""
+        if node.op_type not in CARRIED:
+            return None
+        if node.op_type == "DequantizeLinear":
+            q = producer.get(node.input[0])
+            return [q[0].input[0]] if q is not None and q[0].op_type == "QuantizeLinear" else None
+        data = [t for t in node.input[:1] if t] if node.op_type != "Concat" else [t for t in node.input if t]
+        return data or None
+
     def add(self, feed: dict[str, np.ndarray]) -> None:
         got = self.session.run(None, feed)
-        for j, key in enumerate(self.keys):
-            m, nan = float(got[2 * j]), float(got[2 * j + 1])
-            if nan > 0 or not math.isfinite(m):
+        value: dict[str, tuple[float, bool]] = {}  # tensor -> (max |x| on this sample, non-finite)
+        for j, tensor in enumerate(self.measured):
+            m, total = float(got[2 * j]), float(got[2 * j + 1])
+            value[tensor] = (m if math.isfinite(m) else math.inf, not (math.isfinite(m) and math.isfinite(total)))
+        for out, sources, const in self.carried:  # in graph order: every source is known by now
+            ins = [value.get(t, (0.0, False)) for t in sources]
+            value[out] = (max([const, *(m for m, _ in ins)]), any(b for _, b in ins))
+        for tensor, (m, bad) in value.items():
+            key = self.key_of.get(tensor)
+            if key is None:  # a graph input
+                continue
+            if bad:
                 self.bad.add(key)
-            self.max[key] = max(self.max.get(key, 0.0), m if math.isfinite(m) else math.inf)
+            self.max[key] = max(self.max.get(key, 0.0), m)
         self.samples += 1
 
     def ranges(self) -> Ranges:
@@ -128,9 +179,13 @@ class Meter:
 
 
 def _float_outputs(proto) -> dict[str, int]:
-    """Node outputs of ``proto`` with a float type, and that type."""
-    types = value_types(proto)
-    return {o: types[o] for n in proto.graph.node for o in n.output if types.get(o) in FLOATS}
+    """Node outputs of ``proto`` with a float type, and that type: from the types the exporter
+    recorded (``value_info``), with shape inference only when some are missing."""
+    g = proto.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info)}
+    if any(o and o not in types for n in g.node for o in n.output):
+        types = value_types(proto)
+    return {o: types[o] for n in g.node for o in n.output if types.get(o) in FLOATS}
 
 
 def graph_proto(wrapper, branch, inputs: dict, outputs: list[str], opset: int = 19):

@@ -365,7 +365,7 @@ def earlier(tmp_path_factory, small_ptq_ckpt, small_float_ckpt, example_dir):
     export_camera(ExportOptions(ckpt=small_ptq_ckpt, out_dir=root / "onnx", data=example_dir, cameras=2))
     (root / "onnx" / "engine.plan").write_bytes(b"the user's own file")
     run_ptq(PTQOptions(ckpt=small_float_ckpt, out=root / "ptq.pth", data=example_dir, method="max", progress=False,
-                       cameras=2))
+                       cameras=2, ranges=False))
     return root
 
 

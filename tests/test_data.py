@@ -13,11 +13,14 @@ from lean.data import (
     image_file_names,
     load_example,
     preprocess_image,
+    sample_folders,
     write_example,
 )
 from lean.errors import LeanError
 from lean.scene import make_rig
 from lean.tensorfile import read_tensor, write_tensor
+
+from helpers import one_line
 
 STANDARD_AUG = np.array([[0.48, 0, 0, -32], [0, 0.48, 0, -176], [0, 0, 1, 0], [0, 0, 0, 1]], np.float32)
 BLOCK = 50  # pixels per side of the colour blocks
@@ -294,3 +297,15 @@ def test_nuscenes_sample_as_an_example_folder(tmp_path, example_dir):
     r = python("-m", "lean.data", "nuscenes", tree, "nope", "--out", out, "--version", "v1.0-mini")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "no sample 'nope'" in r.stderr
     assert (out / "0-FRONT.jpg").exists()  # the earlier folder stays
+
+
+def test_sample_folders(tmp_path, example_dir):
+    assert sample_folders(example_dir) == [example_dir]
+    for name in ("b", "a"):
+        shutil.copytree(example_dir, tmp_path / "many" / name)
+    (tmp_path / "many" / "notes").mkdir()
+    assert sample_folders(tmp_path / "many") == [tmp_path / "many" / "a", tmp_path / "many" / "b"]
+    for bad, word in ((tmp_path / "nope", "no such folder"), (tmp_path / "many" / "notes", "no samples")):
+        with pytest.raises(LeanError) as e:
+            sample_folders(bad)
+        assert word in one_line(e)

@@ -178,7 +178,7 @@ def test_typed_int8_matches_pytorch(int8):
 def test_quantized_downsample_exports_with_qdq(tmp_path, small_float_ckpt, example_dir):
     ckpt = tmp_path / "ptq_ds.pth"
     run_ptq(PTQOptions(ckpt=small_float_ckpt, out=ckpt, data=example_dir, method="max", progress=False, cameras=2,
-                       quantize_downsample=True))
+                       quantize_downsample=True, ranges=False))
     report = export(ckpt, tmp_path / "o", example_dir)
     vt = next(g for g in report.graphs if g.file == VTRANSFORM_FILE)
     assert vt.qdq_pairs == 6 and all(o["ok"] for o in vt.outputs.values())  # 3 convs: input + weight
@@ -191,7 +191,7 @@ def swint_ckpts(tmp_path_factory, example_dir):
     cfg = CameraConfig(backbone="swint", cameras=2, image_size=(64, 176))
     fl = float_ckpt(folder, example_dir, cfg)
     ptq = folder / "ptq.pth"
-    run_ptq(PTQOptions(ckpt=fl, out=ptq, data=example_dir, method="max", cameras=2, progress=False))
+    run_ptq(PTQOptions(ckpt=fl, out=ptq, data=example_dir, method="max", cameras=2, progress=False, ranges=False))
     return fl, ptq
 
 
@@ -299,7 +299,7 @@ def wild(tmp_path_factory, example_dir):
         theirs = make_trainer_camera(img, depth, xbound=(-51.2, 51.2, 0.8), **kw)
         SAVERS[saver](theirs, folder / "ckpt.pth")
         run_ptq(PTQOptions(ckpt=folder / "ckpt.pth", out=folder / "ptq.pth", data=example_dir, method="max",
-                           progress=False, cameras=SMALL.cameras))
+                           progress=False, cameras=SMALL.cameras, ranges=False))
         out[case] = theirs, folder / "ckpt.pth", folder / "ptq.pth"
     torch.manual_seed(0)
     return out

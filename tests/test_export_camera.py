@@ -178,7 +178,7 @@ def test_two_exports_and_two_ptq_runs_are_byte_identical(tmp_path, small_float_c
 
     for name in ("a", "b"):
         run_ptq(PTQOptions(ckpt=small_float_ckpt, out=tmp_path / f"{name}.pth", data=example_dir, method="max",
-                           progress=False, cameras=2))
+                           progress=False, cameras=2))  # the range record too
         export_camera(ExportOptions(ckpt=tmp_path / f"{name}.pth", out_dir=tmp_path / name, data=example_dir,
                                     cameras=2, check_bev=False))
     assert (tmp_path / "a.pth").read_bytes() == (tmp_path / "b.pth").read_bytes()
