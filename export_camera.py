@@ -19,7 +19,7 @@ from lean.target import DEFAULT_TARGET, TARGETS
 
 
 def parser():
-    p = cli.new_parser(__doc__)
+    p = cli.new_parser(__doc__, "python export_camera.py")
     p.add_argument("--ckpt", type=Path, default=DEMO_PTQ_CKPT,
                    help="PTQ checkpoint (INT8), or any checkpoint with --fp16 (default: the demo PTQ one)")
     p.add_argument("--fp16", action="store_true", help="export the float graph for an FP16 engine (no Q/DQ)")
@@ -28,7 +28,7 @@ def parser():
                    help="TensorRT the graphs are for: 10 or 11 build strongly typed graphs (FP16 tensors and I/O, "
                         "INT8 as Q/DQ with FP16 scales); 8 (JetPack 5/6.0) builds classic FP32 graphs with "
                         f"--fp16/--int8 flags (default {DEFAULT_TARGET}, whose build command also works on 11)")
-    p.add_argument("--io", choices=("fp16", "fp32"), default="fp16",
+    p.add_argument("--io", choices=("fp16", "fp32"), default=None,
                    help="type of the inputs and outputs of a typed graph (default fp16, as CUDA-BEVFusion binds them)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the target's, 19 typed, 13 classic)")
     cli.add_device(p)

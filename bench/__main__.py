@@ -18,7 +18,7 @@ from lean.config import DEMO_FLOAT_CKPT, DEMO_PTQ_CKPT
 
 
 def parser():
-    p = cli.new_parser(__doc__)
+    p = cli.new_parser(__doc__, "python -m bench")
     p.add_argument("--ckpt", type=Path, default=DEMO_PTQ_CKPT, help=f"PTQ checkpoint to export (default {DEMO_PTQ_CKPT})")
     p.add_argument("--float-ckpt", type=Path, default=DEMO_FLOAT_CKPT,
                    help=f"float checkpoint to calibrate (default {DEMO_FLOAT_CKPT})")

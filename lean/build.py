@@ -11,6 +11,7 @@ import os
 import platform
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -84,9 +85,12 @@ def check_precision(ckpt: Checkpoint, precision: str) -> None:
     if precision not in PRECISIONS:
         raise LeanError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if precision == "int8" and ckpt.kind != "ptq":
+        path = Path(ckpt.path or "model.pth")
+        ptq = path.with_name(f"{path.stem}_ptq.pth")  # beside the user's file: the demo's PTQ file stays
         raise LeanError(
-            f"{ckpt.path} is a float checkpoint; INT8 needs calibrated scales: run "
-            f"`python -m lean.ptq --ckpt {ckpt.path}` first, or export FP16 with --fp16"
+            f"{path} is a float checkpoint; INT8 needs calibrated scales: run `python -m lean.ptq --ckpt {path} "
+            f"--out {ptq} --data YOUR_SAMPLES` (or --nuscenes DATAROOT), then `python export_camera.py --ckpt {ptq}`; "
+            "or export FP16 with --fp16"
         )
 
 

@@ -34,8 +34,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
 
 
-def new_parser(doc: str | None) -> argparse.ArgumentParser:
-    p = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def new_parser(doc: str | None, prog: str) -> argparse.ArgumentParser:
+    """``prog``: the command as the user types it (``python -m lean.ptq``), for usage lines and hints."""
+    p = _Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--verbose", action="store_true", help="show tracebacks and third-party library warnings")
     return p
 

@@ -421,7 +421,7 @@ def write_nuscenes_example(opts: NuScenesExampleOptions) -> list[Path]:
 
 def _parser():
     p = cli.new_parser("One dataset sample as the runtime's example-data folder:\n\n"
-                       "    python -m lean.data nuscenes DATAROOT SAMPLE_TOKEN --out DIR")
+                       "    python -m lean.data nuscenes DATAROOT SAMPLE_TOKEN --out DIR", "python -m lean.data")
     p.add_argument("source", choices=("nuscenes",), help="the dataset's format")
     p.add_argument("dataroot", type=Path, help="nuScenes folder (holds samples/, sweeps/, v1.0-*/)")
     p.add_argument("token", help="sample token (from sample.json)")

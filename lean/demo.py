@@ -15,7 +15,7 @@ from lean.scene import DemoOptions, make_demo_checkpoint
 
 
 def parser():
-    p = cli.new_parser(__doc__)
+    p = cli.new_parser(__doc__, "python -m lean.demo")
     p.add_argument("--out", type=Path, default=DEMO_FLOAT_CKPT, help=f"checkpoint to write (default {DEMO_FLOAT_CKPT})")
     cli.add_data(p, "example-data folder whose scene sets the BN statistics")
     cli.add_backbone(p, default="resnet50")

@@ -32,6 +32,7 @@ from lean.io import output_folder
 from lean.islands import check_globs, kept_nodes, make_islands, overflow_check, parse_globs
 from lean.lint.check import lint_view
 from lean.lint.graph import GraphView
+from lean.log import logger
 from lean.models import BackboneGraph, VTransformGraph
 from lean.names import name_nodes, scope_map
 from lean.plot import PLOT_FILES
@@ -57,7 +58,7 @@ class ExportOptions:
     fp16: bool = False
     tensorrt: str = DEFAULT_TARGET  # "10"/"11": strongly typed graphs; "8": classic
     opset: int | None = None  # None: the target's
-    io: str = "fp16"  # typed targets: the type of the graphs' inputs and outputs ("fp16" or "fp32")
+    io: str | None = None  # typed targets: the type of the graphs' inputs and outputs ("fp16", the default, or "fp32")
     device: str = "auto"
     simplify: bool = True
     data: Path = DEFAULT_DATA
@@ -121,7 +122,7 @@ class _GraphWriter:
         del model  # the file's weights are in the proto now: one copy less at the peak (validation)
         with stages("lint", f"linting {name} for TensorRT {self.target.name} (typing, Q/DQ, operators, contract)"):
             view = GraphView(proto, name)  # one shape inference for both checks
-            typing = check_typing(proto, self.target, self.opts.io, name, view.types)
+            typing = check_typing(proto, self.target, self.opts.io or "fp16", name, view.types)
             lint = lint_view(view, self.target.name)
             del view  # it holds an inferred copy of the graph and its weights
             if lint.errors:
@@ -135,7 +136,7 @@ class _GraphWriter:
         result = GraphResult(name, size=tmp.stat().st_size, nodes=len(proto.graph.node), qdq_pairs=qdq_pairs(proto),
                              typing=typing, lint=lint.to_json(), simplify={"nodes_before": nodes[0], "nodes_after": nodes[1]},
                              build_command=self.target.build_command(self.out_dir / name, len(inputs), len(spec.outputs),
-                                                                     self.opts.precision, layer_fp32),
+                                                                     "int8" if qdq_pairs(proto) else "fp16", layer_fp32),
                              fp32_islands=[{"file": name, **i.to_json()} for i in islands])
         del proto  # ONNX Runtime reads the file
         with stages("validate", f"validating {name} (onnx.checker + ONNX Runtime vs PyTorch)"):
@@ -176,8 +177,11 @@ def _export_camera(opts: ExportOptions) -> ExportReport:
     target = get_target(opts.tensorrt)
     opset = opts.opset if opts.opset is not None else target.opset
     target.check_opset(opset)
-    if opts.io not in ("fp16", "fp32"):
+    if opts.io not in (None, "fp16", "fp32"):
         raise LeanError(f"unknown --io {opts.io!r}: choose fp16 or fp32")
+    if opts.io is not None and not target.typed:
+        logger.warning("--io %s is for typed graphs and is ignored: a --tensorrt 8 graph has FP32 inputs and outputs, "
+                       "and its build command binds them as fp16:chw", opts.io)
     if parse_globs(opts.keep_fp32) and not opts.fp32_islands:
         raise LeanError("--keep-fp32 and --no-fp32-islands contradict each other: pass one of them")
     folders = sample_folders(opts.data)  # a bad --data is one line before any work
@@ -223,7 +227,7 @@ def _export_into(opts: ExportOptions, stages: Stages, target: Target, opset: int
         ref_vtransform = check_reference(reference(VTransformGraph(model), bev_ins[0], list(VTRANSFORM.outputs)),
                                          VTransformGraph(model), bev_ins[0], VTRANSFORM_FILE, model)
 
-    io_dtype = torch.float16 if target.typed and opts.io == "fp16" else torch.float32
+    io_dtype = torch.float16 if target.typed and opts.io != "fp32" else torch.float32
     geometry = Geometry.of(model)
     weights = {k: v.detach().float().cpu().numpy() for k, v in (*model.named_parameters(), *model.named_buffers())}
     if target.typed:

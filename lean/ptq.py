@@ -18,7 +18,7 @@ from lean.quantize import PTQOptions, run_ptq
 
 
 def parser():
-    p = cli.new_parser(__doc__)
+    p = cli.new_parser(__doc__, "python -m lean.ptq")
     p.add_argument("--ckpt", type=Path, default=DEMO_FLOAT_CKPT, help=f"float checkpoint (default {DEMO_FLOAT_CKPT})")
     p.add_argument("--out", type=Path, default=DEMO_PTQ_CKPT, help=f"PTQ checkpoint to write (default {DEMO_PTQ_CKPT})")
     cli.add_data(p, "an example-data folder, or a folder of them (one sample each)")

@@ -87,10 +87,10 @@ CARRIED = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "
 
 
 class Meter:
-    """``measure`` one sample at a time: a session over ``proto`` with the reductions added."""
+    """``measure`` one sample at a time: a session over ``proto`` (which it consumes) with the
+    reductions added."""
 
     def __init__(self, proto):
-        import onnx
         from onnx import TensorProto, helper, numpy_helper
 
         floats = _float_outputs(proto)
@@ -98,7 +98,7 @@ class Meter:
         producer = {o: (n, i) for n in g.node for i, o in enumerate(n.output) if o}
         consts = {i.name: i for i in g.initializer}
         self.keys, self.modules, self.carried = [], {}, []
-        measured, outputs, extra = [], [], []
+        measured, outputs, extra = [], [], []  # extra: the graph's nodes, each followed by its reductions
 
         def reduce(tensor: str, elem: int) -> None:
             # One |x|, two reductions: its max, and its sum, which is NaN or Inf exactly when some
@@ -119,6 +119,7 @@ class Meter:
             if v.type.tensor_type.elem_type in FLOATS:
                 reduce(v.name, v.type.tensor_type.elem_type)
         for node in g.node:
+            extra.append(node)
             meta = {p.key: p.value for p in node.metadata_props}
             sources = self._sources(node, producer)
             for i, out in enumerate(node.output):
@@ -134,12 +135,14 @@ class Meter:
                              for t in sources if t in consts), default=0.0)
                 self.carried.append((out, [t for t in sources if t not in consts], const))
         self.measured = measured
-        probe = onnx.ModelProto()
-        probe.CopyFrom(proto)
-        probe.graph.node.extend(extra)
-        del probe.graph.output[:]
-        probe.graph.output.extend(outputs)
-        self.session = ort_session(probe.SerializeToString())
+        # Each reduction right after its tensor's producer, run in that order (``in_node_order``):
+        # the tensor is freed at once instead of living to the end of the run.
+        # ``proto`` is consumed: its nodes and outputs are replaced (no copy of the weights).
+        del g.node[:]
+        g.node.extend(extra)
+        del g.output[:]
+        g.output.extend(outputs)
+        self.session = ort_session(proto.SerializeToString(), in_node_order=True)
         self.key_of = {o: tensor_key(n.name, i) for o, (n, i) in producer.items()}
         self.max: dict[str, float] = {}
         self.bad: set[str] = set()

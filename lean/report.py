@@ -34,6 +34,13 @@ class GraphResult:
     def min_cosine(self) -> float:
         return min((o["cosine"] for o in self.outputs.values()), default=1.0)
 
+    def error_text(self) -> str:
+        """The max error nearest its bound, with that bound: ``0.132 <= 0.41``."""
+        return _with_bound(self.outputs.values())
+
+    def cosine_text(self) -> str:
+        return _cosine_with_bound(self.outputs.values())
+
 
 @dataclass
 class ExportReport:
@@ -79,15 +86,31 @@ def qdq_pairs(model) -> int:
     return paired + sum(1 for n in dq if n.input[0] not in producers)
 
 
+def _with_bound(outputs) -> str:
+    stats = [o for o in outputs if o.get("max_abs_err") is not None]
+    if not stats:
+        return ""
+    o = max(stats, key=lambda o: o["max_abs_err"] / o["tolerance"] if o.get("tolerance") else 0.0)
+    return f"{o['max_abs_err']:.3g}" + (f" <= {o['tolerance']:.3g}" if o.get("tolerance") else "")
+
+
+def _cosine_with_bound(outputs) -> str:
+    stats = [o for o in outputs if o.get("cosine") is not None]
+    if not stats:
+        return ""
+    o = min(stats, key=lambda o: o["cosine"])
+    return f"{o['cosine']:.6f}" + (f" >= {o['min_cosine']}" if o.get("min_cosine") else "")
+
+
 def summary_table(report: ExportReport) -> str:
-    rows = [("file", "size", "nodes", "Q/DQ", "time", "max error", "cosine")]
+    rows = [("file", "size", "nodes", "Q/DQ", "time", "max error (bound)", "cosine (bound)")]
     for g in report.graphs:
         rows.append((str(report.out_dir / g.file), _size(g.size), str(g.nodes), str(g.qdq_pairs),
-                     f"{g.seconds:.1f}s", f"{g.max_error:.3g}", f"{g.min_cosine:.6f}"))
+                     f"{g.seconds:.1f}s", g.error_text(), g.cosine_text()))
     bev = report.facts.get("bev_check")
     if bev:
         rows.append(("BEV map (ONNX chain vs PyTorch)", "", "", "", f"{bev['seconds']:.1f}s",
-                     f"{bev['max_abs_err']:.3g}", f"{bev['cosine']:.6f}"))
+                     _with_bound([bev]), _cosine_with_bound([bev])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -16,8 +16,13 @@ import torch
 ORT_DISABLED_OPTIMIZERS = ["WeightBiasQuantization"]
 
 
-def ort_session(path: Path | bytes):
+def ort_session(path: Path | bytes, in_node_order: bool = False):
     """An ONNX Runtime CPU session that computes what the graph says.
+
+    ``in_node_order``: run the nodes in the file's order where the graph allows (ORT's priority-based
+    order); the range measurement places each reduction right after its tensor's producer, and in
+    ORT's default order the tensors waited for their reductions to the end (3.0 GB peak instead of
+    1.4 GB on the full-size demo backbone).
 
     Basic optimizations only: ORT's extended level fuses Q/DQ pairs into its own int8 kernels
     (QLinearConv), whose x86 s8s8 path saturates intermediate sums (errors of half the output
@@ -30,6 +35,8 @@ def ort_session(path: Path | bytes):
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.enable_cpu_mem_arena = False  # one run per session: an arena only raises the export's peak memory
+    if in_node_order:
+        opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     return ort.InferenceSession(path if isinstance(path, bytes) else str(path), opts, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=ORT_DISABLED_OPTIMIZERS)
 

@@ -37,9 +37,14 @@ class Target:
 
     def build_command(self, onnx_path: Path, inputs: int, outputs: int, precision: str,
                       fp32_layers: list[str] = ()) -> str:
-        """The trtexec command that builds ``onnx_path`` into an engine beside it. ``fp32_layers``:
-        a classic graph's FP32 islands (a typed graph holds its islands in the file)."""
-        cmd = f"trtexec --onnx={onnx_path} --saveEngine={onnx_path.with_suffix('.plan')}"
+        """The trtexec command that builds ``onnx_path`` into an engine beside it, with the layer
+        information and profile users of this field read (layers named by module, ``lean.names``).
+        ``precision``: what the file holds ("int8" only for a file with Q/DQ: on TensorRT 8,
+        ``--int8`` on a graph without Q/DQ builds with placeholder ranges). ``fp32_layers``: a
+        classic graph's FP32 islands (a typed graph holds its islands in the file)."""
+        stem = onnx_path.with_suffix("")
+        cmd = (f"trtexec --onnx={onnx_path} --saveEngine={stem}.plan --profilingVerbosity=detailed --dumpLayerInfo "
+               f"--dumpProfile --exportLayerInfo={stem}.layers.json --exportProfile={stem}.profile.json")
         if self.name == "10":
             return cmd + " --stronglyTyped"
         if self.typed:

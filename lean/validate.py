@@ -82,8 +82,8 @@ def compare(got, ref, tolerance: Tolerance) -> dict:
     failed = [f"max abs error {err:.3g} > tolerance {tol:.3g}"] if err > max(tol, 1e-6) else []
     if tolerance.min_cosine is not None and cos < tolerance.min_cosine:
         failed.append(f"cosine {cos:.6f} < {tolerance.min_cosine}")
-    return {"max_abs_err": err, "cosine": cos, "tolerance": tol, "ref_max_abs": scale, "ok": not failed,
-            "nonfinite": 0, "failed": "; ".join(failed)}
+    return {"max_abs_err": err, "cosine": cos, "tolerance": tol, "min_cosine": tolerance.min_cosine,
+            "ref_max_abs": scale, "ok": not failed, "nonfinite": 0, "failed": "; ".join(failed)}
 
 
 def validate(path: Path, inputs: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], tolerance: Tolerance,

@@ -10,7 +10,7 @@ from lean.log import logger
 
 
 def parser():
-    p = cli.new_parser("test")
+    p = cli.new_parser("test", "python -m test")
     cli.add_rig(p)
     cli.add_device(p)
     return p
@@ -18,6 +18,17 @@ def parser():
 
 def run(main, *argv):
     return cli.run(main, parser(), list(argv))
+
+
+@pytest.mark.parametrize("command", [("export_camera.py",), ("-m", "lean.ptq"), ("-m", "lean.lint"), ("-m", "lean.demo"),
+                                     ("-m", "lean.data"), ("-m", "bench")])
+def test_usage_hints_name_the_command_as_typed(command):
+    from helpers import python
+
+    typed = "python " + " ".join(command)
+    r = python(*command, "--bogus")
+    assert r.returncode == 2 and r.stderr.strip().endswith(f"(see {typed} --help)"), r.stderr
+    assert python(*command, "--help").stdout.startswith(f"usage: {typed} ")
 
 
 def test_user_error_is_one_line_and_exit_2(capsys):

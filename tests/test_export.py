@@ -152,7 +152,10 @@ def test_report_and_metadata(request, which):
         assert all(o["ok"] for o in f["outputs"].values())
         assert f["simplify"]["nodes_before"] >= f["simplify"]["nodes_after"] == f["nodes"]
         assert f["build_command"].startswith(f"trtexec --onnx={out / name} ")
-        assert ("--int8" in f["build_command"]) == classic and ("--stronglyTyped" in f["build_command"]) != classic
+        # --int8 only where the file holds Q/DQ: the vtransform graph has none
+        assert ("--int8" in f["build_command"]) == (classic and name == BACKBONE_FILE)
+        assert ("--stronglyTyped" in f["build_command"]) != classic
+        assert f"--exportLayerInfo={out / name[:-5]}.layers.json" in f["build_command"]
     assert data["files"][BACKBONE_FILE]["qdq_pairs"] > 100
     assert data["bev_check"]["ok"] and data["bev_check"]["shape"] == [1, 80, 180, 180]
     props = {p.key: p.value for p in onnx.load(str(out / BACKBONE_FILE)).metadata_props}

@@ -31,7 +31,14 @@ def test_not_a_checkpoint(tmp_path):
 
 
 def test_float_checkpoint_without_fp16_asks_for_ptq(tmp_path, small_float_ckpt):
-    assert_one_line_error(cli("--ckpt", small_float_ckpt, "--out", tmp_path / "o"), "lean.ptq", "--fp16")
+    ptq = small_float_ckpt.with_name(f"{small_float_ckpt.stem}_ptq.pth")
+    assert_one_line_error(cli("--ckpt", small_float_ckpt, "--out", tmp_path / "o"), "lean.ptq", "--fp16",
+                          f"--out {ptq}", f"python export_camera.py --ckpt {ptq}")
+
+
+def test_io_with_tensorrt8_says_it_is_ignored(tmp_path):
+    r = cli("--ckpt", tmp_path / "nope.pth", "--out", tmp_path / "o", "--tensorrt", "8", "--io", "fp32")
+    assert "warning: --io fp32 is for typed graphs and is ignored" in r.stderr and r.returncode == 2
 
 
 def test_keep_fp32_flags_are_checked(tmp_path, small_ptq_ckpt, example_dir):

@@ -55,6 +55,8 @@ def test_tensorrt8_int8_job(tmp_path, checkpoints, example_dir):
     out = tmp_path / "onnx_int8"
     r = run("export_camera.py", "--ckpt", checkpoints[1], "--out", out, "--data", example_dir, "--tensorrt", "8")
     assert "--fp16 --int8 --inputIOFormats=fp16:chw,fp16:chw" in r.stdout
+    vtransform = next(line for line in r.stdout.splitlines() if "trtexec --onnx=" in line and VTRANSFORM_FILE in line)
+    assert "--int8" not in vtransform and "--fp16 --inputIOFormats=fp16:chw " in vtransform
     report = json.loads((out / "report.json").read_text())
     assert report["opset"] == 13 and report["target"]["io"] == "fp32" and report["bev_check"]["ok"]
     assert report["files"][BACKBONE_FILE]["qdq_pairs"] >= 126

@@ -22,11 +22,15 @@ def test_qdq_pairs_counts_activation_pairs_and_weight_dequantizes():
 
 def test_summary_table(tmp_path):
     g = GraphResult("camera.backbone.onnx", size=3 * 1024 * 1024, nodes=149, qdq_pairs=0, seconds=2.5,
-                    outputs={"a": {"max_abs_err": 1e-5, "cosine": 0.9999999}, "b": {"max_abs_err": 3e-5, "cosine": 1.0}})
-    report = ExportReport(Path("out"), "fp16", [g], {}, {"bev_check": {"seconds": 0.4, "max_abs_err": 2e-4, "cosine": 1.0}})
+                    outputs={"a": {"max_abs_err": 1e-5, "cosine": 0.9999999, "tolerance": 1e-4, "min_cosine": 0.9995},
+                             "b": {"max_abs_err": 3e-5, "cosine": 1.0, "tolerance": 1e-3, "min_cosine": 0.9995}})
+    report = ExportReport(Path("out"), "fp16", [g], {}, {"bev_check": {"seconds": 0.4, "max_abs_err": 2e-4, "cosine": 1.0,
+                                                                      "tolerance": 1e-2, "min_cosine": 0.999}})
     lines = summary_table(report).splitlines()
-    assert lines[0].split() == ["file", "size", "nodes", "Q/DQ", "time", "max", "error", "cosine"]
-    assert lines[2].split() == ["out/camera.backbone.onnx", "3.0", "MB", "149", "0", "2.5s", "3e-05", "1.000000"]
+    assert lines[0].split() == ["file", "size", "nodes", "Q/DQ", "time", "max", "error", "(bound)", "cosine", "(bound)"]
+    # Each figure with the bound it passed against: the error nearest its bound, the lowest cosine.
+    assert lines[2].split() == ["out/camera.backbone.onnx", "3.0", "MB", "149", "0", "2.5s", "1e-05", "<=", "0.0001",
+                                "1.000000", ">=", "0.9995"]
     assert lines[3].startswith("BEV map")
     assert report.to_json()["files"]["camera.backbone.onnx"]["nodes"] == 149
     island = {"file": "camera.backbone.onnx", "nodes": ["/backbone/layer3/layer3.2/conv2/Conv", "/x/Relu"],

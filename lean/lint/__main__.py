@@ -19,7 +19,7 @@ from lean.target import DEFAULT_TARGET, TARGETS
 
 
 def parser():
-    p = cli.new_parser(__doc__)
+    p = cli.new_parser(__doc__, "python -m lean.lint")
     p.add_argument("files", type=Path, nargs="+", metavar="FILE.onnx")
     p.add_argument("--target", choices=tuple(TARGETS), default=DEFAULT_TARGET,
                    help=f"the TensorRT to judge for (default {DEFAULT_TARGET}: TensorRT 10/11, strongly typed)")
