@@ -21,8 +21,9 @@ from lean.target import DEFAULT_TARGET, TARGETS
 def parser():
     p = cli.new_parser(__doc__, "python -m lean.lint")
     p.add_argument("files", type=Path, nargs="+", metavar="FILE.onnx")
-    p.add_argument("--target", choices=tuple(TARGETS), default=DEFAULT_TARGET,
-                   help=f"the TensorRT to judge for (default {DEFAULT_TARGET}: TensorRT 10/11, strongly typed)")
+    p.add_argument("--target", choices=tuple(TARGETS), default=None,
+                   help="the TensorRT to judge for (default: the one the file declares in its metadata, as our "
+                        f"exports do, else {DEFAULT_TARGET}: TensorRT 10/11, strongly typed)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout instead of the tables")
     return p
 

@@ -9,7 +9,7 @@ from lean.errors import LeanError, first_line
 from lean.lint.graph import GraphView
 from lean.lint.macs import describe, mac_split
 from lean.lint.rules import ERROR, RULES, WARNING, Finding
-from lean.target import TARGETS
+from lean.target import DEFAULT_TARGET, TARGETS
 
 
 @dataclass
@@ -18,6 +18,7 @@ class LintResult:
     target: str
     findings: list[Finding]
     macs: dict[str, int] = field(default_factory=dict)
+    target_from: str = "given"  # or "the file's metadata", or "default"
 
     @property
     def errors(self) -> list[Finding]:
@@ -32,7 +33,8 @@ class LintResult:
         return ERROR if self.errors else WARNING if self.warnings else "ok"
 
     def summary(self) -> str:
-        return (f"{self.file}: TensorRT {self.target}: {len(self.errors)} errors, {len(self.warnings)} warnings; "
+        source = "" if self.target_from == "given" else f" ({self.target_from})"
+        return (f"{self.file}: TensorRT {self.target}{source}: {len(self.errors)} errors, {len(self.warnings)} warnings; "
                 f"MACs {describe(self.macs)}")
 
     def to_json(self) -> dict:
@@ -51,7 +53,13 @@ def lint_view(g: GraphView, target: str) -> LintResult:
     return LintResult(g.name, target, [rule(g, target) for rule in RULES], mac_split(g))
 
 
-def lint_file(path, target: str) -> LintResult:
+def declared(proto) -> dict[str, str]:
+    """What a file says of itself in its metadata (ours: ``tensorrt``, ``io``, ...)."""
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def lint_file(path, target: str | None = None) -> LintResult:
+    """Lint ``path`` for ``target``; None: the TensorRT the file declares, else the default."""
     import onnx
 
     path = Path(path)
@@ -62,8 +70,15 @@ def lint_file(path, target: str) -> LintResult:
         onnx.checker.check_model(proto)
     except Exception as e:  # noqa: BLE001 - onnx raises DecodeError, ValidationError, ... on junk
         raise LeanError(f"{path} is not a valid ONNX model ({type(e).__name__}: {first_line(e)})") from None
+    meta = declared(proto)
+    source = "given"
+    if target is None:
+        own = meta.get("tensorrt")
+        target, source = (own, "the file's metadata") if own in TARGETS else (DEFAULT_TARGET, "default")
     try:
-        return lint_model(proto, target, path.name)
+        result = lint_model(proto, target, path.name)
+        result.target_from = source
+        return result
     except LeanError:
         raise
     except Exception as e:  # noqa: BLE001 - a graph the checker let through but no rule can read

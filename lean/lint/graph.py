@@ -31,6 +31,8 @@ class GraphView:
                     self.consumers.setdefault(i, []).append(n)
         self.inputs = [v.name for v in self.graph.input]
         self.outputs = [v.name for v in self.graph.output]
+        # Our files declare their bindings' type (``--io fp32`` puts a Cast on each binding).
+        self.io = next((p.value for p in proto.metadata_props if p.key == "io"), None)
 
     @cached_property
     def constants(self) -> dict[str, np.ndarray]:

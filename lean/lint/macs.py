@@ -39,4 +39,12 @@ def describe(split: dict[str, int]) -> str:
     if not total:
         return "no MACs"
     parts = sorted(split.items(), key=lambda kv: -kv[1])
-    return ", ".join(f"{100 * v / total:.1f}% in {k}" for k, v in parts) + f" of {total / 1e9:.1f} GMAC"
+    return ", ".join(f"{100 * v / total:.1f}% in {k}" for k, v in parts) + f" of {_count(total)}"
+
+
+def _count(macs: int) -> str:
+    """MACs in the unit that fits: 15.1 GMAC, 11.2 MMAC, 3.5 kMAC, 12 MAC."""
+    for unit, size in (("GMAC", 1e9), ("MMAC", 1e6), ("kMAC", 1e3)):
+        if macs >= size:
+            return f"{macs / size:.1f} {unit}"
+    return f"{macs} MAC"

@@ -81,10 +81,13 @@ def _float(g: GraphView, tensor: str) -> int | None:
 
 
 def typing_io(g: GraphView, target: str) -> Finding:
-    want = TensorProto.FLOAT if target == "8" else TensorProto.FLOAT16
+    fp32_io = target == "8" or g.io == "fp32"  # a typed file that declares FP32 bindings has their Casts
+    want = TensorProto.FLOAT if fp32_io else TensorProto.FLOAT16
     off = [f"{n}: {NAMES.get(_float(g, n), '?')}" for n in (*g.inputs, *g.outputs)
            if _float(g, n) is not None and _float(g, n) != want]
-    note = f"bindings should be {NAMES[want]}" + ("" if target == "8" else " (FP32 bindings need a Cast in the file)")
+    note = f"bindings should be {NAMES[want]}" + ("" if fp32_io else " (FP32 bindings need a Cast in the file)")
+    if g.io == "fp32" and target != "8":
+        note = "FP32 bindings, as the file declares (io=fp32)"
     return Finding("typing.io", WARNING if off else OK, off, note)
 
 
@@ -93,20 +96,24 @@ def typing_compute(g: GraphView, target: str) -> Finding:
     computed = [(n, _float(g, o)) for n in g.nodes for o in n.output if _float(g, o) is not None and o not in io]
     if target == "8":
         off = [g.label(n) for n, t in computed if t != TensorProto.FLOAT]
-        return Finding("typing.compute", WARNING if off else OK, off, "FP16 tensors in a classic graph")
+        return Finding("typing.compute", WARNING if off else OK, off, "FP16 tensors in a classic graph" if off else "")
     declared = {n.name for n in declared_islands(g.proto)}
     fp32 = [n for n, t in computed if t == TensorProto.FLOAT and n.op_type not in ("Cast", "Constant")]
     fp16 = [n for n, t in computed if t == TensorProto.FLOAT16]
     undeclared = [g.label(n) for n in fp32 if n.name not in declared]
+    # TensorRT 11 builds strongly typed networks only; 10 still builds a weakly typed one with --fp16
+    # (deprecated since 10.12), so there FP32 compute is a warning.
+    verdict = ERROR if target == "11" else WARNING
+    weak = "" if target == "11" else "; TensorRT 10 can still build it weakly typed with --fp16 (deprecated since 10.12)"
     if undeclared and not fp16:
         what = ("every layer outside Q/DQ runs in FP32 (the quantized convs still run INT8)" if _has_qdq(g)
-                else "an FP32 graph: TensorRT 10/11 build an FP32 engine from it")
-        return Finding("typing.compute", ERROR, undeclared or [g.label(n) for n in fp32], what)
+                else "an FP32 graph: a strongly typed build makes an FP32 engine of it")
+        return Finding("typing.compute", verdict, undeclared, what + weak)
     island = len(fp32) - len(undeclared)
     note = f"{island} nodes in FP32 islands the file declares (lean.fp32)" if island else ""
     if undeclared:
-        return Finding("typing.compute", ERROR, undeclared,
-                       "FP32 compute the file does not declare" + (f"; {note}" if note else ""))
+        return Finding("typing.compute", verdict, undeclared,
+                       "FP32 compute the file does not declare" + (f"; {note}" if note else "") + weak)
     return Finding("typing.compute", OK, [], note)
 
 

@@ -11,7 +11,9 @@ def test_mac_split_by_precision():
     y = b.conv(b.conv("x"), quantize_input=False, quantize_weight=False)  # one INT8 conv, one FP16 conv
     split = mac_split(GraphView(b.model(y)))
     assert split == {"INT8": 64 * 4 * 36, "FP16": 64 * 4 * 36}
-    assert describe(split).startswith("50.0% in INT8, 50.0% in FP16")
+    assert describe(split) == "50.0% in INT8, 50.0% in FP16 of 18.4 kMAC"  # a unit that fits, not 0.0 GMAC
+    assert describe({"FP16": 15_100_000_000}).endswith("of 15.1 GMAC")
+    assert describe({"FP16": 11_200_000}).endswith("of 11.2 MMAC") and describe({"FP16": 12}).endswith("of 12 MAC")
     assert describe({}) == "no MACs"
 
 

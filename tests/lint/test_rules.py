@@ -58,16 +58,19 @@ def test_typing_io():
 
 
 def test_typing_compute():
-    assert verdict(quantized_block(F32), "typing.compute") == ERROR  # an FP32 graph on a typed target
-    assert verdict(quantized_block(F32, opset=13), "typing.compute", "8") == OK
+    assert verdict(quantized_block(F32), "typing.compute", "11") == ERROR  # 11 builds strongly typed only
+    fp32 = next(f for f in lint_model(quantized_block(F32), "10").findings if f.rule == "typing.compute")
+    assert fp32.verdict == WARNING and "weakly typed with --fp16 (deprecated since 10.12)" in fp32.note
+    classic = next(f for f in lint_model(quantized_block(F32, opset=13), "8").findings if f.rule == "typing.compute")
+    assert classic.verdict == OK and classic.note == ""  # no "FP16 tensors" note on a graph without them
     b = Builder(F16)
     island = b.node("Cast", [b.node("Softmax", [b.node("Cast", [b.node("Relu", ["x"])], to=F32)])], to=F16)
     model = b.model(b.node("Relu", [island]))
-    finding = next(f for f in lint_model(model, "10").findings if f.rule == "typing.compute")
+    finding = next(f for f in lint_model(model, "11").findings if f.rule == "typing.compute")
     assert finding.verdict == ERROR and finding.offenders == ["softmax3"]  # FP32 compute nobody declared
     softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
     softmax.metadata_props.add(key=FP32_NOTE, value="--keep-fp32 x")  # an island the file declares
-    finding = next(f for f in lint_model(model, "10").findings if f.rule == "typing.compute")
+    finding = next(f for f in lint_model(model, "11").findings if f.rule == "typing.compute")
     assert finding.verdict == OK and "1 nodes in FP32 islands" in finding.note
     assert verdict(_cast_io(), "typing.compute") == OK
 
