@@ -120,23 +120,26 @@ def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 
 
 def build_folded(cfg: CameraConfig, state_dict: dict[str, torch.Tensor], what: str = "checkpoint",
-                 folded: bool = False) -> nn.Module:
+                 folded: bool = False, source: str | None = None) -> nn.Module:
     """The float camera branch with BN folded, weights loaded strictly.
 
     ``folded``: the weights are already folded (a PTQ checkpoint's), so the model is folded
-    before loading them; otherwise they hold BN layers and are folded after.
+    before loading them; otherwise they hold BN layers and are folded after. ``source``: the
+    checkpoint's layout, to spell keys in errors as its file does.
     """
     model = build_camera(cfg)
     if folded:
         fold_bn(model)
-    load_weights(model, state_dict, what)
+    load_weights(model, state_dict, what, source)
     return (model if folded else fold_bn(model)).eval()
 
 
-def build_quantized(cfg: CameraConfig, state_dict: dict[str, torch.Tensor], disabled: Iterable[str] = ()) -> nn.Module:
+def build_quantized(cfg: CameraConfig, state_dict: dict[str, torch.Tensor], disabled: Iterable[str] = (),
+                    source: str | None = None) -> nn.Module:
     """The INT8 model of a PTQ state dict: folded weights, a Q/DQ wherever the state dict has an amax."""
     weights, amax = split_amax(state_dict)
-    return attach_quantizers(build_folded(cfg, weights, "PTQ checkpoint", folded=True), amax, disabled).eval()
+    return attach_quantizers(build_folded(cfg, weights, "PTQ checkpoint", folded=True, source=source), amax,
+                             disabled).eval()
 
 
 def build_model(ckpt: Checkpoint, cfg: CameraConfig, precision: str, rebuild_frustum: bool = False) -> nn.Module:
@@ -150,8 +153,9 @@ def build_model(ckpt: Checkpoint, cfg: CameraConfig, precision: str, rebuild_fru
     if ckpt.kind == "ptq":
         # FP16 engines need no scales: without the amax, the same build gives the float graph of
         # the same folded weights.
-        return build_quantized(cfg, sd if precision == "int8" else split_amax(sd)[0], ckpt.disabled_quantizers)
-    return build_folded(cfg, sd, f"checkpoint {ckpt.path}")
+        return build_quantized(cfg, sd if precision == "int8" else split_amax(sd)[0], ckpt.disabled_quantizers,
+                               ckpt.source)
+    return build_folded(cfg, sd, f"checkpoint {ckpt.path}", source=ckpt.source)
 
 
 def versions() -> dict[str, str]:

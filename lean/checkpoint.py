@@ -82,6 +82,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         # torch's pre-1.6 format (OpenPCDet still writes it) or a bare pickle: torch.load would
         # allocate each storage at the size the file declares before reading it; the restricted
         # reader bounds every storage by the bytes the file really has.
+        _refuse_non_pickle(path)
         obj = read_pickled_model(path, CONTAINERS)
     if isinstance(obj, PickledModel):
         check_tensors(obj.tensors, str(path))  # before the legacy names are mapped (they compare amax)
@@ -92,6 +93,32 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     check_tensors(ckpt.state_dict, str(path))
     ckpt.path = path
     return ckpt
+
+
+def _refuse_non_pickle(path: Path) -> None:
+    """A file that is neither a zip nor a pickle (protocol 2+, as torch writes) is refused saying
+    what it looks like, before any unpickling."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head[:1] == b"\x80":
+        return
+    if not head:
+        kind = "an empty file"
+    elif head.startswith(b"PK"):
+        kind = "a damaged or truncated zip archive (torch's format)"
+    elif path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and (b"pytorch" in head or b"onnx" in head.lower())):
+        kind = "an ONNX model"
+    elif _is_text(head):
+        kind = "a JSON file" if head.lstrip()[:1] in (b"{", b"[") else "a text file"
+    else:
+        kind = f"not a pickle or a zip archive (it starts with bytes {head[:4].hex(' ')})"
+    raise LeanError(f"checkpoint {path} is {kind}, not a PyTorch checkpoint: pass the .pth file a trainer saved (a state "
+                    "dict, an mmengine or OpenPCDet checkpoint, CUDA-BEVFusion's model) or a PTQ file of ours")
+
+
+def _is_text(head: bytes) -> bool:
+    text = head.decode("utf-8", errors="replace")
+    return "\ufffd" not in text[:-4] and all(c.isprintable() or c.isspace() for c in text[:-4])
 
 
 def check_archive(path: Path) -> None:
@@ -237,9 +264,10 @@ def camera_tensors(sd: dict, name: str) -> tuple[dict[str, torch.Tensor], str]:
     by its view transform's ``.net`` Sequentials. Everything else (lidar, fuser, heads) is dropped.
     """
     tensors = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    if tensors and all(k.startswith("module.") for k in tensors):  # saved from a DataParallel wrapper
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
-        sd = tensors
+    for wrapper in ("module.", "model."):  # saved from a DataParallel wrapper, or a Lightning module's self.model
+        if tensors and all(k.startswith(wrapper) for k in tensors):
+            tensors = {k[len(wrapper):]: v for k, v in tensors.items()}
+            sd = tensors
     for layout in LAYOUTS:
         out = {}
         for theirs, ours in layout.prefixes:
@@ -340,30 +368,47 @@ def _r(x: float) -> float:
     return round(x, 4)  # the file stores float32; configs are given to 4 decimals
 
 
-def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
-    """Strict load with a one-line error naming the first offenders and the likely cause."""
+def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str = "checkpoint",
+                 source: str | None = None) -> None:
+    """Strict load with a one-line error naming the first offenders (as a file of ``source``'s layout
+    spells them) and the likely cause."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shape = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shape:
-        raise LeanError(f"{what} does not fit the model: {describe_mismatch(missing, unexpected, shape, sd, own)}")
+        raise LeanError(f"{what} does not fit the model: "
+                        f"{describe_mismatch(missing, unexpected, shape, sd, own, source)}")
     model.load_state_dict(sd, strict=True)
 
 
-def describe_mismatch(missing, unexpected, shape, sd, own) -> str:
+def spelled(key: str, source: str | None) -> str:
+    """Our key as a checkpoint of ``source`` (a ``Checkpoint.source``) spells it."""
+    name = (source or "").removeprefix("cuda-bevfusion-")
+    if name.startswith("lean-"):
+        return PREFIX + key
+    layout = next((l for l in LAYOUTS if l.name == name), None)
+    for theirs, ours in layout.prefixes if layout else ():
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    return key
+
+
+def describe_mismatch(missing, unexpected, shape, sd, own, source: str | None = None) -> str:
     parts = []
     if shape:
         k = shape[0]
-        parts.append(
-            f"{len(shape)} mis-shaped (first: {k} is {tuple(sd[k].shape)}, model wants {tuple(own[k].shape)})"
-        )
+        parts.append(f"{len(shape)} mis-shaped (first: {spelled(k, source)} is {tuple(sd[k].shape)}, model wants "
+                     f"{tuple(own[k].shape)})")
     if missing:
-        parts.append(f"{len(missing)} missing (first: {', '.join(missing[:3])})")
+        parts.append(f"{len(missing)} missing (first: {', '.join(spelled(k, source) for k in missing[:3])})")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
+        parts.append(f"{len(unexpected)} unexpected (first: {', '.join(spelled(k, source) for k in unexpected[:3])})")
     text = "; ".join(parts)
-    if "vtransform.frustum" in shape:
+    if "vtransform.frustum" in missing:
+        text += (f" -- {spelled('vtransform.frustum', source)} is derived from the image size and depth bins: pass "
+                 "--rebuild-frustum to derive it")
+    elif "vtransform.frustum" in shape:
         text += " -- the frustum follows the image size: pass the --image-size it was trained at, or --rebuild-frustum"
     elif any(k.startswith("backbone.") for k in missing[:3] + unexpected[:3]):
         text += " -- is it the other backbone? try --backbone resnet50 or --backbone swint"

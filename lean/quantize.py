@@ -26,6 +26,9 @@ from lean.quant.modelopt import calibrate, insert_quantizers, quant_config
 from lean.ranges import record
 
 
+FEW_SAMPLES = 8  # fewer distinct calibration samples than this is warned
+
+
 @dataclass
 class PTQOptions:
     ckpt: Path = DEMO_FLOAT_CKPT
@@ -67,7 +70,7 @@ def run_ptq(opts: PTQOptions) -> dict:
     if ckpt.kind != "float":
         raise LeanError(f"{opts.ckpt} is already quantized ({ckpt.source}): PTQ starts from a float checkpoint")
     cfg = resolve_config(ckpt, cameras=opts.cameras)
-    model = build_folded(cfg, ckpt.state_dict, f"checkpoint {opts.ckpt}")
+    model = build_folded(cfg, ckpt.state_dict, f"checkpoint {opts.ckpt}", source=ckpt.source)
     frames, source = calibration_set(opts, cfg, folders)
     batches = len(frames) if opts.batches is None else opts.batches
     model = insert_quantizers(model, opts.method, opts.quantize_downsample).to(device)
@@ -78,7 +81,14 @@ def run_ptq(opts: PTQOptions) -> dict:
             img, depth = frame.inputs()
             yield img, depth, frame
 
-    logger.info("calibrating on %d samples of %s with %d loader processes", batches, source["data"], stream.workers)
+    distinct = min(len(frames), batches)
+    repeats = f", each seen {batches / distinct:.3g} times" if batches > distinct else ""
+    logger.info("calibrating on %d batches: %d distinct samples of %s%s, with %d loader processes", batches, distinct,
+                source["data"], repeats, stream.workers)
+    if distinct < FEW_SAMPLES:
+        logger.warning("only %d distinct calibration samples: the scales fit %s and may not fit other scenes; "
+                       "pass a folder of example-data folders or --nuscenes DATAROOT (hundreds of samples)",
+                       distinct, "this one" if distinct == 1 else "these")
     t = time.perf_counter()
     with _progress(batches, f"calibrating ({opts.method})", opts.progress) as bar:  # closed before any error prints
         seen = calibrate(model, samples(), opts.method, progress=lambda n: bar.update(1))

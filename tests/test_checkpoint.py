@@ -64,12 +64,40 @@ def test_missing_file(tmp_path):
     assert "does not exist" in one_line(e)
 
 
-def test_not_a_checkpoint(tmp_path):
-    path = tmp_path / "junk.pth"
-    path.write_bytes(b"this is not a checkpoint at all" * 10)
+def test_not_a_checkpoint_says_what_the_file_looks_like(tmp_path, small_int8_export):
+    """An .onnx, a text file, JSON, an empty file, random bytes: each named, no internal codes."""
+    from lean.export import BACKBONE_FILE
+
+    cases = {"junk.pth": (b"this is not a checkpoint at all\n" * 10, "is a text file"),
+             "cfg.pth": (b'{"model": 1}', "is a JSON file"), "empty.pth": (b"", "is an empty file"),
+             "bytes.pth": (bytes([7, 200, 3, 1]) * 8, "starts with bytes 07 c8 03 01"),
+             "model.pth": ((small_int8_export[1] / BACKBONE_FILE).read_bytes(), "is an ONNX model")}
+    for name, (data, words) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(LeanError) as e:
+            read_checkpoint(path)
+        assert words in one_line(e) and "not a PyTorch checkpoint: pass the .pth file" in one_line(e), one_line(e)
+
+
+def test_a_lightning_model_prefix_is_stripped(tmp_path, model):
+    torch.save({"state_dict": {"model.encoders.camera." + k: v for k, v in model.state_dict().items()}},
+               tmp_path / "lightning.ckpt")
+    assert read_checkpoint(tmp_path / "lightning.ckpt").source == "mit"
+
+
+def test_a_missing_frustum_is_named_as_the_file_spells_it(tmp_path, model):
+    from lean.build import build_model
+
+    sd = {"img_backbone." + k[len("backbone."):]: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    sd.update({"img_neck." + k[len("neck."):]: v for k, v in model.state_dict().items() if k.startswith("neck.")})
+    sd.update({"view_transform." + k[len("vtransform."):]: v for k, v in model.state_dict().items()
+               if k.startswith("vtransform.") and k != "vtransform.frustum"})
+    torch.save({"state_dict": sd}, tmp_path / "mmdet3d.pth")
+    ckpt = read_checkpoint(tmp_path / "mmdet3d.pth")
     with pytest.raises(LeanError) as e:
-        read_checkpoint(path)
-    assert "not a PyTorch checkpoint" in one_line(e) or "not a readable" in one_line(e)
+        build_model(ckpt, SMALL, "fp16")
+    assert "1 missing (first: view_transform.frustum)" in one_line(e) and "pass --rebuild-frustum" in one_line(e)
 
 
 def test_truncated_checkpoint(tmp_path, model):

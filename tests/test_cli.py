@@ -392,7 +392,7 @@ EXPECTED = {
     "own-format-config-type": "image size", "inf-weights": "NaN or infinite", "ptq-without-amax": "no quantizer amax",
     "zip-crc": "CRC", "zip-deflate-bomb": "compressed", "stride0-weights-only": "over a storage",
     "stride0-restricted-reader": "over a storage", "shared-module-dag": "more than 100000",
-    "legacy-huge-storage": "more than the file holds", "truncated-ckpt": "not a readable", "pickle-memo-bomb": "without a camera branch", "hostile-pickle": "posix.system",
+    "legacy-huge-storage": "more than the file holds", "truncated-ckpt": "truncated zip archive", "pickle-memo-bomb": "without a camera branch", "hostile-pickle": "posix.system",
     "ckpt-is-fifo": "not a regular file", "control-chars-in-keys": "no camera branch",
     "newline-in-path": "does not exist", "jpeg-65000-square": "the image claims more than",
     "points-dev-zero": "character device", "points-fifo": "a FIFO", "matrix-nan": "NaN or infinite",

@@ -15,6 +15,14 @@ def test_calibrates_and_writes(tmp_path, small_float_ckpt, example_dir):
     assert r.stdout == ""
 
 
+def test_repeated_samples_are_counted_apart_and_few_are_warned(tmp_path, small_float_ckpt, example_dir):
+    r = ptq("--ckpt", small_float_ckpt, "--out", tmp_path / "ptq.pth", "--data", example_dir, "--method", "max",
+            "--cameras", "2", "--batches", "3")
+    assert r.returncode == 0, r.stderr
+    assert f"calibrating on 3 batches: 1 distinct samples of {example_dir}, each seen 3 times" in r.stderr
+    assert "warning: only 1 distinct calibration samples: the scales fit this one" in r.stderr
+
+
 def test_missing_checkpoint_is_one_line(tmp_path, example_dir):
     r = ptq("--ckpt", tmp_path / "nope.pth", "--out", tmp_path / "o.pth", "--data", example_dir)
     assert r.returncode == 2 and "Traceback" not in r.stderr
