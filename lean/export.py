@@ -184,18 +184,17 @@ def _export_camera(opts: ExportOptions) -> ExportReport:
                        "and its build command binds them as fp16:chw", opts.io)
     if parse_globs(opts.keep_fp32) and not opts.fp32_islands:
         raise LeanError("--keep-fp32 and --no-fp32-islands contradict each other: pass one of them")
-    folders = sample_folders(opts.data)  # a bad --data is one line before any work
     device = resolve_device(opts.device)
     out_dir = opts.output_dir()
 
     # Every file goes to a staging folder that replaces out_dir as a whole only at the end; taking
     # it first also fails at once when out_dir cannot be written or another run is writing it.
     with output_folder(out_dir, OUTPUT_FILES) as staging:
-        return _export_into(opts, stages, target, opset, device, out_dir, staging, folders)
+        return _export_into(opts, stages, target, opset, device, out_dir, staging)
 
 
 def _export_into(opts: ExportOptions, stages: Stages, target: Target, opset: int, device: torch.device, out_dir: Path,
-                 staging: Path, folders: list[Path]) -> ExportReport:
+                 staging: Path) -> ExportReport:
     precision = opts.precision
     with stages("load", f"reading checkpoint {opts.ckpt}"):
         ckpt = read_checkpoint(opts.ckpt)
@@ -210,7 +209,8 @@ def _export_into(opts: ExportOptions, stages: Stages, target: Target, opset: int
             clamped = clamp_scales_to_fp16(model)
             fp16_rounded(model)
     check_globs(parse_globs(opts.keep_fp32), {name for name, _ in model.named_modules() if name})
-    with stages("data", f"reading example data {opts.data} ({len(folders)} samples)"):
+    with stages("data", f"reading example data {opts.data}"):
+        folders = sample_folders(opts.data)
         data = [load_inputs(f, cfg) for f in folders]
         sample = data[0][0]  # validation runs on the first sample, the range measurement on all
         feeds = [{k: v.to(device) for k, v in backbone_inputs(img, depth).items()} for _, img, depth in data]

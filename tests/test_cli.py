@@ -403,7 +403,7 @@ EXPECTED = {
     "cameras-zero": "cameras", "cameras-negative": "cameras", "unknown-flag": "--foo", "bad-choice": "--tensorrt",
     "image-size-text": "not HxW", "out-is-a-file": "not a folder", "ptq-batches-0": "--batches",
     "ptq-batches-negative": "--batches", "ptq-out-unwritable": "cannot write", "ptq-already-quantized": "already quantized",
-    "ptq-bad-method": "minmax", "ptq-no-data": "not a folder", "ptq-inf-weights": "NaN or infinite",
+    "ptq-bad-method": "minmax", "ptq-no-data": "no such folder", "ptq-inf-weights": "NaN or infinite",
     "ptq-hostile": "posix.system", "ptq-stride0": "over a storage",
 }
 
