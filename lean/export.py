@@ -38,7 +38,7 @@ from lean.names import name_nodes, scope_map
 from lean.plot import PLOT_FILES
 from lean.quant.qdq import clamp_scales_to_fp16
 from lean.ranges import BOUND, FP16_MAX, measure, twin
-from lean.report import ExportReport, GraphResult, Stages, qdq_pairs
+from lean.report import ExportReport, GraphResult, Stages, qdq_pairs, report_text
 from lean.simplify import node_count, simplify
 from lean.target import DEFAULT_TARGET, Target, get_target
 from lean.trace import CastIO, annotate, exact_float32, reference, to_proto, trace
@@ -262,11 +262,7 @@ def _export_into(opts: ExportOptions, stages: Stages, target: Target, opset: int
                 vtransform.path, geometry, sample, ref_vtransform["feat_out"],
                 tolerance(precision, target.typed, bev=True), cfg, staging if opts.plot else None,
             )
-    try:  # a NaN or Inf figure is never written as a pass (JSON has no NaN)
-        text = json.dumps(report.to_json(), indent=2, default=str, allow_nan=False)
-    except ValueError:
-        raise LeanError("a figure of the report is NaN or infinite; nothing was written") from None
-    (staging / REPORT_FILE).write_text(text + "\n")
+    (staging / REPORT_FILE).write_text(report_text(report))
     # Everything validated: leaving output_folder swaps the staging folder into place.
     return report
 

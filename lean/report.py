@@ -3,11 +3,13 @@ summary table printed at the end."""
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lean.errors import LeanError
 from lean.lint.macs import describe
 from lean.log import logger
 
@@ -57,6 +59,14 @@ class ExportReport:
             "files": {g.file: {k: v for k, v in vars(g).items() if k != "file"} for g in self.graphs},
             "stages_seconds": self.stages,
         }
+
+
+def report_text(report: ExportReport) -> str:
+    """report.json's text; a NaN or Inf figure is an error, never written as a pass (JSON has no NaN)."""
+    try:
+        return json.dumps(report.to_json(), indent=2, default=str, allow_nan=False) + "\n"
+    except ValueError:
+        raise LeanError("a figure of the report is NaN or infinite; nothing was written") from None
 
 
 class Stages:

@@ -143,3 +143,43 @@ def run_onnx(proto, x):
     session = ort_session(proto.SerializeToString())
     dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
     return session.run(None, {"x": x.numpy().astype(dtype)})[0].astype(np.float32)
+
+
+def _weight_module(graph, node) -> str | None:
+    """The module path of a MAC node's weight: its initializer's key less '.weight' (through the
+    weight's DequantizeLinear, QuantizeLinear and Transpose)."""
+    producers = {o: n for n in graph.node for o in n.output}
+    inits = {i.name for i in graph.initializer}
+    name = node.input[1]
+    while name not in inits and name in producers:
+        name = producers[name].input[0]
+    for suffix in (".weight", ".weight.T"):  # .weight.T: a Linear weight the optimizer transposed
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def assert_named_by_module(path) -> int:
+    """Every node of the ONNX file ``path`` named after its module (``lean.names``), uniquely; every
+    Conv/MatMul/Gemm with a weight named by its weight's module. Returns how many such layers."""
+    import onnx
+
+    from lean.names import MODULE, scoped_name
+
+    graph = onnx.load(str(path)).graph
+    names = [n.name for n in graph.node]
+    assert len(set(names)) == len(names) and all(n.startswith("/") for n in names)
+    macs = 0
+    for node in graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        assert node.name.startswith(scoped_name(meta[MODULE], "")) and "pkg.torch.onnx.name_scopes" in meta
+        assert not any("stack_trace" in k for k in meta)
+        if node.op_type in ("Conv", "MatMul", "Gemm"):
+            module = _weight_module(graph, node)
+            if module is not None:  # attention's activation x activation matmuls have no weight
+                macs += 1
+                assert node.name == scoped_name(module, node.op_type), node.name
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and not node.input[0].endswith(".weight"):
+            assert "_quantizer/" in node.name or "quant_concat" in node.name, node.name
+    assert all(not i.name.startswith(("branch.", "downsample.", "inner.")) for i in graph.initializer)
+    return macs

@@ -15,7 +15,7 @@ from lean.export import BACKBONE_FILE, VTRANSFORM_FILE, ExportOptions, export_ca
 from lean.quantize import PTQOptions, run_ptq
 from lean.typecheck import FLOATS, value_types
 
-from helpers import SMALL, float_ckpt, onnx_io
+from helpers import SMALL, assert_named_by_module, float_ckpt, onnx_io
 
 
 def export(ckpt, out, data, **kw):
@@ -328,6 +328,7 @@ def test_wild_checkpoint_fp16_export_matches_the_trainers_forward(tmp_path, wild
         case.split("-")[0], WILD[case][2])
     uses_depth = WILD[case][1].get("vtransform") != "lss"
     assert ("depth" in onnx_io(tmp_path / BACKBONE_FILE)) == uses_depth
+    assert assert_named_by_module(tmp_path / BACKBONE_FILE) > 50  # names by module, whatever the layout
     g = torch.Generator().manual_seed(7)
     img = torch.randn(1, SMALL.cameras, 3, *SMALL.image_size, generator=g)
     depth = torch.rand(1, SMALL.cameras, 1, *SMALL.image_size, generator=g) * 40

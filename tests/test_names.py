@@ -6,12 +6,10 @@ import torch
 
 from lean.export import BACKBONE_FILE, VTRANSFORM_FILE
 from lean.models import BackboneGraph, VTransformGraph, build_camera
-from lean.names import MODULE, branch_path, scope_map, scoped_name, unique
+from lean.names import branch_path, scope_map, scoped_name, unique
 from lean.trace import CastIO
 
-from helpers import SMALL
-
-MAC_OPS = ("Conv", "MatMul", "Gemm")
+from helpers import SMALL, assert_named_by_module
 
 
 def test_scoped_name_spells_list_indices_with_their_list():
@@ -37,42 +35,11 @@ def test_paths_are_relative_to_the_camera_branch_whatever_the_wrapper():
     assert branch_path("inner.branch.neck", cast) == "neck" and branch_path("inner", cast) == ""
 
 
-def _weight_module(graph, node) -> str | None:
-    """The module path of a MAC node's weight: its initializer's key less '.weight' (through the
-    weight's DequantizeLinear, QuantizeLinear and Transpose)."""
-    producers = {o: n for n in graph.node for o in n.output}
-    inits = {i.name for i in graph.initializer}
-    name = node.input[1]
-    while name not in inits and name in producers:
-        name = producers[name].input[0]
-    return name[: -len(".weight")] if name.endswith(".weight") else None
-
-
-def check_names(path):
-    graph = onnx.load(str(path)).graph
-    names = [n.name for n in graph.node]
-    assert len(set(names)) == len(names) and all(n.startswith("/") for n in names)
-    macs = 0
-    for node in graph.node:
-        meta = {p.key: p.value for p in node.metadata_props}
-        assert node.name.startswith(scoped_name(meta[MODULE], "")) and "pkg.torch.onnx.name_scopes" in meta
-        assert not any("stack_trace" in k for k in meta)
-        if node.op_type in MAC_OPS:
-            module = _weight_module(graph, node)
-            if module is not None:  # attention's activation x activation matmuls have no weight
-                macs += 1
-                assert node.name == scoped_name(module, node.op_type), node.name
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and not node.input[0].endswith(".weight"):
-            assert "_quantizer/" in node.name or "quant_concat" in node.name, node.name
-    assert all(not i.name.startswith(("branch.", "downsample.", "inner.")) for i in graph.initializer)
-    return macs
-
-
 @pytest.mark.parametrize("which", ["small_int8_export", "small_classic_export"])
 def test_every_node_is_named_by_its_module(request, which):
     report, out = request.getfixturevalue(which)
-    assert check_names(out / BACKBONE_FILE) > 50  # every conv of ResNet50, the neck and the depthnet
-    assert check_names(out / VTRANSFORM_FILE) == 3
+    assert assert_named_by_module(out / BACKBONE_FILE) > 50  # every conv of ResNet50, the neck and the depthnet
+    assert assert_named_by_module(out / VTRANSFORM_FILE) == 3
     graph = onnx.load(str(out / BACKBONE_FILE)).graph
     names = {n.name for n in graph.node}
     assert {"/backbone/layer3/layer3.3/conv2/Conv", "/backbone/layer3/layer3.3/conv2/input_quantizer/QuantizeLinear",

@@ -23,12 +23,13 @@ import types
 import zipfile
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
 
 import lean.quantize
-from helpers import SMALL, one_line, sample_inputs
+from helpers import SMALL, assert_named_by_module, one_line, sample_inputs
 from lean.build import build_quantized, fold_bn
 from lean.checkpoint import (concat_levels, infer_config, map_legacy_state_dict, quantizer_name, read_checkpoint,
                              save_checkpoint)
@@ -370,6 +371,10 @@ def test_pickle_exports_the_native_onnx(standin, native, example_dir, tmp_path, 
     for name, ckpt in (("native", native.path), ("legacy", standin.path)):
         export_camera(ExportOptions(ckpt=ckpt, out_dir=tmp_path / name, data=example_dir, cameras=2, tensorrt=tensorrt,
                                     image_size=(64, 176), rebuild_frustum=False, check_bev=False))
+    for file in (BACKBONE_FILE, VTRANSFORM_FILE):  # the legacy pickle's nodes named as the native file's
+        names = [[n.name for n in onnx.load(str(tmp_path / name / file)).graph.node] for name in ("native", "legacy")]
+        assert names[0] == names[1]
+    assert assert_named_by_module(tmp_path / "legacy" / BACKBONE_FILE) > 50
     img, depth = sample_inputs(SMALL, seed=4)
     inputs = {BACKBONE_FILE: {"img": img, "depth": depth},
               VTRANSFORM_FILE: {"feat_in": torch.randn(1, 80, 360, 360, generator=torch.Generator().manual_seed(5))}}

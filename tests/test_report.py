@@ -2,6 +2,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lean.report import ExportReport, GraphResult, Stages, qdq_pairs, summary_table
@@ -41,6 +42,18 @@ def test_summary_table(tmp_path):
     assert "FP32 islands: 1 (tensors above max |x| 8192 measured in FP32 on the data)" in text
     assert "camera.backbone.onnx: 2 nodes from /backbone/layer3/layer3.2/conv2/Conv: " \
            "/backbone/layer3/layer3.2/conv2/Conv max |x| 1e+05" in text
+
+
+def test_a_nan_figure_is_never_written():
+    from lean.errors import LeanError
+    from lean.report import report_text
+
+    g = GraphResult("camera.backbone.onnx", outputs={"a": {"max_abs_err": 1e-5, "cosine": 1.0}})
+    assert '"cosine": 1.0' in report_text(ExportReport(Path("out"), "fp16", [g], {}, {}))
+    g.outputs["a"]["cosine"] = float("nan")
+    with pytest.raises(LeanError) as e:
+        report_text(ExportReport(Path("out"), "fp16", [g], {}, {}))
+    assert "NaN or infinite" in str(e.value)
 
 
 def test_stages_time_and_log(caplog):
