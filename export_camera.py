@@ -46,6 +46,9 @@ def parser():
                        help="compare the whole chain (ONNX + BEV pooling) with PyTorch (default: on)")
     check.add_argument("--no-check-bev", dest="check_bev", action="store_false")
     check.add_argument("--plot", action="store_true", help="write PNGs of the BEV maps and their difference")
+    check.add_argument("--no-engine-check-files", dest="engine_check_files", action="store_false",
+                       help="leave out the Polygraphy inputs and reference outputs written beside each file "
+                            "(<graph>.inputs.json, <graph>.outputs.json) that check the built engine")
     return p
 
 
@@ -54,6 +57,7 @@ def main(args) -> None:
                          opset=args.opset, device=args.device,
                          simplify=args.simplify, data=args.data, check_bev=args.check_bev, plot=args.plot,
                          keep_fp32=args.keep_fp32, fp32_islands=args.fp32_islands,
+                         engine_check_files=args.engine_check_files,
                          **cli.rig_options(args))
     report = export_camera(opts)
     # Paths come from the user: shown escaped, as in error lines.

@@ -26,7 +26,10 @@ from lean.build import build_model, resolve_config, resolve_device, versions
 from lean.checkpoint import read_checkpoint
 from lean.config import DEFAULT_DATA
 from lean.contract import BACKBONE, BACKBONE_FILE, VTRANSFORM, VTRANSFORM_FILE, GraphSpec, backbone_spec
+from lean.criteria import tolerance
 from lean.data import backbone_inputs, load_inputs, sample_folders
+from lean.engine_check import (check_command, check_file_names, criteria, engine_tolerance, polygraphy_command,
+                               write_check_files)
 from lean.errors import LeanError
 from lean.io import output_folder
 from lean.islands import check_globs, kept_nodes, make_islands, overflow_check, parse_globs
@@ -43,10 +46,11 @@ from lean.simplify import node_count, simplify
 from lean.target import DEFAULT_TARGET, Target, get_target
 from lean.trace import CastIO, annotate, exact_float32, reference, to_proto, trace
 from lean.typecheck import check_typing
-from lean.validate import check_bev, check_reference, tolerance, validate
+from lean.validate import check_bev, check_reference, validate
 
 REPORT_FILE = "report.json"
-OUTPUT_FILES = (BACKBONE_FILE, VTRANSFORM_FILE, REPORT_FILE, *PLOT_FILES)  # the set that changes as a whole
+CHECK_FILES = (*check_file_names(BACKBONE_FILE), *check_file_names(VTRANSFORM_FILE))  # lean.engine_check
+OUTPUT_FILES = (BACKBONE_FILE, VTRANSFORM_FILE, REPORT_FILE, *PLOT_FILES, *CHECK_FILES)  # the set that changes as a whole
 PARTS = {BACKBONE_FILE: BackboneGraph, VTRANSFORM_FILE: VTransformGraph}  # which part of the model each file holds
 __all__ = ["BACKBONE_FILE", "REPORT_FILE", "VTRANSFORM_FILE", "ExportOptions", "export_camera"]
 
@@ -72,6 +76,7 @@ class ExportOptions:
     plot: bool = False
     keep_fp32: str | None = None  # GLOB[,GLOB]: modules kept FP32 in typed graphs
     fp32_islands: bool = True  # False: all-FP16 typed graphs, an overflow is an error
+    engine_check_files: bool = True  # Polygraphy inputs and reference outputs beside each file
 
     @property
     def precision(self) -> str:
@@ -141,8 +146,24 @@ class _GraphWriter:
         del proto  # ONNX Runtime reads the file
         with stages("validate", f"validating {name} (onnx.checker + ONNX Runtime vs PyTorch)"):
             result.outputs, onnx_outputs = validate(tmp, inputs, ref, self.tolerance, name)
+        if self.opts.engine_check_files:
+            with stages("engine_check", f"writing {name}'s inputs and outputs for Polygraphy"):
+                result.engine_check = self._check_files(name, inputs, onnx_outputs)
         result.seconds = time.perf_counter() - t0
         return ExportedGraph(result, tmp, onnx_outputs)
+
+    def _check_files(self, name: str, inputs: dict[str, torch.Tensor], outputs: dict[str, np.ndarray]) -> dict:
+        """The files and commands that check the engine built from ``name`` on the user's machine."""
+        # The engine binds FP16 unless a typed graph was asked for FP32 I/O (classic: fp16:chw flags).
+        dtype = np.float32 if self.target.typed and self.opts.io == "fp32" else np.float16
+        files = write_check_files(self.staging, name, {k: v.detach().cpu().numpy() for k, v in inputs.items()},
+                                  outputs, dtype)
+        per_output = criteria(engine_tolerance(self.opts.precision), {k: v.astype(dtype) for k, v in outputs.items()})
+        path = self.out_dir / name
+        return {"files": files, "bytes": sum((self.staging / f).stat().st_size for f in files),
+                "binding": np.dtype(dtype).name, "criteria": per_output,
+                "command": polygraphy_command(path, per_output), "check_command": check_command(path),
+                "onnxrt_command": polygraphy_command(path, per_output, runner="onnxrt")}
 
     def _islands(self, model, name: str, samples: list[dict[str, torch.Tensor]]):
         """Measure ``model``'s ranges, then widen a typed graph's islands in place; returns the
@@ -209,18 +230,25 @@ def _export_into(opts: ExportOptions, stages: Stages, target: Target, opset: int
             clamped = clamp_scales_to_fp16(model)
             fp16_rounded(model)
     check_globs(parse_globs(opts.keep_fp32), {name for name, _ in model.named_modules() if name})
+    # The engine binds FP16 inputs (typed graphs unless --io fp32; classic ones by their build flags):
+    # the reference, the validation and the engine check files all see the values it will get.
+    fp16_inputs = not (target.typed and opts.io == "fp32")
+
+    def as_bound(t: torch.Tensor) -> torch.Tensor:
+        return t.half().float() if fp16_inputs else t
+
     with stages("data", f"reading example data {opts.data}"):
         folders = sample_folders(opts.data)
         data = [load_inputs(f, cfg) for f in folders]
         sample = data[0][0]  # validation runs on the first sample, the range measurement on all
-        feeds = [{k: v.to(device) for k, v in backbone_inputs(img, depth).items()} for _, img, depth in data]
+        feeds = [{k: as_bound(v.to(device)) for k, v in backbone_inputs(img, depth).items()} for _, img, depth in data]
         inputs = feeds[0]
     with stages("reference", "PyTorch reference forward (FP32) of both graphs"):
         refs = [check_reference(reference(BackboneGraph(model), f, list(BACKBONE.outputs)), BackboneGraph(model), f,
                                 BACKBONE_FILE, model) for f in feeds]
         ref_backbone = refs[0]
         # The vtransform's input is what the runtime feeds it: the pooled backbone output.
-        bev_ins = [{"feat_in": pool_to_bev(r["camera_feature"], r["camera_depth_weights"], s, model).to(device)}
+        bev_ins = [{"feat_in": as_bound(pool_to_bev(r["camera_feature"], r["camera_depth_weights"], s, model).to(device))}
                    for r, (s, _, _) in zip(refs, data)]
         del refs
         bev_in = bev_ins[0]["feat_in"]
@@ -260,7 +288,7 @@ def _export_into(opts: ExportOptions, stages: Stages, target: Target, opset: int
             report.facts["bev_check"] = check_bev(
                 backbone.onnx_outputs["camera_feature"], backbone.onnx_outputs["camera_depth_weights"],
                 vtransform.path, geometry, sample, ref_vtransform["feat_out"],
-                tolerance(precision, target.typed, bev=True), cfg, staging if opts.plot else None,
+                tolerance(precision, target.typed, bev=True), cfg, staging if opts.plot else None, fp16_inputs,
             )
     (staging / REPORT_FILE).write_text(report_text(report))
     # Everything validated: leaving output_folder swaps the staging folder into place.

@@ -27,6 +27,7 @@ class GraphResult:
     simplify: dict = field(default_factory=dict)  # nodes before and after
     build_command: str = ""
     fp32_islands: list = field(default_factory=list)  # lean.islands.Island.to_json() of this file
+    engine_check: dict = field(default_factory=dict)  # lean.engine_check's files and commands
 
     @property
     def max_error(self) -> float:
@@ -151,6 +152,12 @@ def summary_table(report: ExportReport) -> str:
         lines += ["", f"TensorRT {target['tensorrt']} ({target['runtimes']}): {target['typing']}, I/O {target['io'].upper()}, "
                   f"opset {report.facts.get('opset')}. Build the engines with:"]
         lines += [f"  {g.build_command}" for g in report.graphs]
+        checked = [g for g in report.graphs if g.engine_check]
+        if checked:
+            lines += ["", "Then check each engine against what this export validated (Polygraphy, pip install polygraphy):"]
+            lines += [f"  {g.engine_check['command']}" for g in checked]
+            lines += ["and by the export's own criteria (cosine, steps, NaN/Inf; numpy and Polygraphy only):"]
+            lines += [f"  {g.engine_check['check_command']}" for g in checked]
     return "\n".join(lines)
 
 

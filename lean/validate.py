@@ -8,82 +8,21 @@ camera.vtransform.onnx, against the same chain in PyTorch.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lean.bev import pool_to_bev
+from lean.criteria import TOLERANCES, Tolerance, compare, nonfinite, tolerance
 from lean.errors import LeanError
 from lean.names import branch_path, scope_map
 from lean.plot import plot_bev
 from lean.ranges import measure
 from lean.runtime import feeds, ort_session
 
-
-@dataclass(frozen=True)
-class Tolerance:
-    """When an ONNX output counts as computing what PyTorch computes.
-
-    ``rtol``: max abs error / max |reference| (float graphs). ``steps`` and ``min_cosine``: INT8
-    graphs, where one float rounding difference before a quantizer flips a value by one step
-    and the flip spreads through every later layer, so the max error is heavy-tailed and machine
-    dependent (BENCHMARKS.md has the figures). Cosine is the main test there; the step bound, in
-    steps of the output's own INT8 range (max |ref| / 127), only catches a gross local error.
-    """
-
-    rtol: float | None = None
-    steps: float | None = None
-    min_cosine: float | None = None
-
-    def bound(self, ref_max_abs: float) -> float:
-        return self.rtol * ref_max_abs if self.rtol is not None else self.steps * ref_max_abs / 127.0
-
-
-# By (precision, strongly typed). A classic graph carries FP32 tensors (the engine builder makes
-# them FP16), so its float graph is held to FP32. A typed FP16 graph rounds every tensor to FP16
-# (about 3 significant digits); in a typed INT8 graph those roundings flip more values across a
-# quantization step than FP32 summation order does, and the flips spread (BENCHMARKS.md).
-TOLERANCES = {
-    ("fp16", False): Tolerance(rtol=1e-4),
-    ("int8", False): Tolerance(steps=48.0, min_cosine=0.97),
-    ("fp16", True): Tolerance(rtol=1e-2, min_cosine=0.9995),
-    ("int8", True): Tolerance(steps=64.0, min_cosine=0.97),
-}
-# The end-to-end BEV map of a typed graph chain.
-BEV_TOLERANCES = {("fp16", True): Tolerance(rtol=1e-2, min_cosine=0.999)}
-
-
-def tolerance(precision: str, typed: bool, bev: bool = False) -> Tolerance:
-    return (BEV_TOLERANCES.get((precision, typed)) if bev else None) or TOLERANCES[(precision, typed)]
-
-
-def nonfinite(x) -> int:
-    """How many elements of ``x`` are NaN or infinite."""
-    return int((~torch.isfinite(torch.as_tensor(x))).sum())
-
-
-def compare(got, ref, tolerance: Tolerance) -> dict:
-    """Error stats of one output and whether it passes ``tolerance``. NaN or Inf in either side
-    fails first: every comparison against a threshold is false for NaN."""
-    ref = torch.as_tensor(ref).double().flatten()
-    got = torch.as_tensor(got).double().flatten()
-    bad_ref, bad_got = nonfinite(ref), nonfinite(got)
-    if bad_ref or bad_got:
-        which = f"{bad_got} of {got.numel()} elements are NaN or Inf" if bad_got else \
-            f"the reference holds {bad_ref} NaN or Inf elements of {ref.numel()}"
-        return {"max_abs_err": None, "cosine": None, "tolerance": None, "ref_max_abs": None, "ok": False,
-                "nonfinite": bad_got, "failed": which}
-    err = (got - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    cos = torch.nn.functional.cosine_similarity(got, ref, dim=0).item() if scale > 0 else 1.0
-    tol = tolerance.bound(scale)
-    failed = [f"max abs error {err:.3g} > tolerance {tol:.3g}"] if err > max(tol, 1e-6) else []
-    if tolerance.min_cosine is not None and cos < tolerance.min_cosine:
-        failed.append(f"cosine {cos:.6f} < {tolerance.min_cosine}")
-    return {"max_abs_err": err, "cosine": cos, "tolerance": tol, "min_cosine": tolerance.min_cosine,
-            "ref_max_abs": scale, "ok": not failed, "nonfinite": 0, "failed": "; ".join(failed)}
+__all__ = ["TOLERANCES", "Tolerance", "check_bev", "check_reference", "compare", "feeds", "nonfinite",
+           "ort_session", "tolerance", "validate"]
 
 
 def validate(path: Path, inputs: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], tolerance: Tolerance,
@@ -159,23 +98,26 @@ def check_reference(out: dict[str, torch.Tensor], module: torch.nn.Module, input
 
 
 @torch.no_grad()
-def onnx_chain(feature, weights, vtransform_path: Path, geometry, sample) -> torch.Tensor:
-    """ONNX Runtime's backbone outputs -> our BEV pooling -> camera.vtransform.onnx."""
+def onnx_chain(feature, weights, vtransform_path: Path, geometry, sample, fp16_input: bool = False) -> torch.Tensor:
+    """ONNX Runtime's backbone outputs -> our BEV pooling -> camera.vtransform.onnx.
+    ``fp16_input``: the pooled map rounded to FP16, as an engine binding FP16 gets it."""
     bev_in = pool_to_bev(feature, weights, sample, geometry)
+    if fp16_input:
+        bev_in = bev_in.half().float()
     session = ort_session(vtransform_path)
     (out,) = session.run(["feat_out"], feeds(session, {"feat_in": bev_in}))
     return torch.from_numpy(out.astype(np.float32))
 
 
 def check_bev(feature, weights, vtransform_path, geometry, sample, reference, tolerance: Tolerance, cfg,
-              plot_dir=None) -> dict:
+              plot_dir=None, fp16_input: bool = False) -> dict:
     """Final camera BEV map of the ONNX chain against PyTorch's (``reference``); raise if off.
 
     ``geometry``: the model or anything holding its pooling buffers (``lean.bev.Geometry``).
     """
     t = time.perf_counter()
     ref = reference.detach().cpu()
-    got = onnx_chain(feature, weights, Path(vtransform_path), geometry, sample)
+    got = onnx_chain(feature, weights, Path(vtransform_path), geometry, sample, fp16_input)
     stats = {"shape": list(ref.shape), **compare(got, ref, tolerance)}
     stats["seconds"] = time.perf_counter() - t
     if not stats["ok"]:

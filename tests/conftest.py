@@ -61,3 +61,15 @@ def small_int8_export(tmp_path_factory, small_ptq_ckpt, example_dir):
 def small_classic_export(tmp_path_factory, small_ptq_ckpt, example_dir):
     """(report, folder) of the classic INT8 export (TensorRT 8) of the small PTQ checkpoint."""
     return _small_export(tmp_path_factory, small_ptq_ckpt, example_dir, "int8-trt8", tensorrt="8")
+
+
+@pytest.fixture(scope="session")
+def small_fp16_export(tmp_path_factory, small_ptq_ckpt, example_dir):
+    """(report, folder) of the FP16 export (typed) of the small PTQ checkpoint."""
+    return _small_export(tmp_path_factory, small_ptq_ckpt, example_dir, "fp16", fp16=True)
+
+
+@pytest.fixture(scope="session")
+def small_fp16_classic_export(tmp_path_factory, small_ptq_ckpt, example_dir):
+    """(report, folder) of the classic FP16 export (TensorRT 8) of the small PTQ checkpoint."""
+    return _small_export(tmp_path_factory, small_ptq_ckpt, example_dir, "fp16-trt8", fp16=True, tensorrt="8")

@@ -183,3 +183,31 @@ def assert_named_by_module(path) -> int:
             assert "_quantizer/" in node.name or "quant_concat" in node.name, node.name
     assert all(not i.name.startswith(("branch.", "downsample.", "inner.")) for i in graph.initializer)
     return macs
+
+
+POLYGRAPHY = Path(sys.executable).parent / "polygraphy"
+
+
+def polygraphy_onnxrt(graph, folder, reference=None, timeout=300) -> subprocess.CompletedProcess:
+    """The export's engine check command for one graph (``GraphResult``) run by Polygraphy with
+    ONNX Runtime in place of TensorRT (the ONNX file in place of the plan). A classic graph's file
+    takes FP32 where its engine binds FP16: it gets the same inputs cast to FP32.
+    ``reference``: another --load-outputs file."""
+    import shlex
+
+    import numpy as np
+    import onnx
+    from polygraphy.json import load_json, save_json
+
+    args = shlex.split(graph.engine_check["onnxrt_command"])
+    assert args[:2] == ["polygraphy", "run"] and "--onnxrt" in args
+    inputs = Path(args[args.index("--load-inputs") + 1])
+    assert inputs.parent == Path(folder)
+    declared = {i.name: i.type.tensor_type.elem_type for i in onnx.load(str(Path(folder) / graph.file), load_external_data=False).graph.input}
+    if any(t == onnx.TensorProto.FLOAT for t in declared.values()) and graph.engine_check["binding"] == "float16":
+        cast = Path(folder) / (inputs.name + ".fp32")
+        save_json([{k: v.astype(np.float32) for k, v in feed.items()} for feed in load_json(str(inputs))], str(cast))
+        args[args.index("--load-inputs") + 1] = str(cast)
+    if reference is not None:
+        args[args.index("--load-outputs") + 1] = str(reference)
+    return subprocess.run([str(POLYGRAPHY), *args[1:]], capture_output=True, text=True, timeout=timeout, cwd=folder)

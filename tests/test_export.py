@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
+from polygraphy.json import load_json
 
 from lean.checkpoint import infer_config, read_checkpoint
 from lean.config import CameraConfig
@@ -15,7 +16,7 @@ from lean.export import BACKBONE_FILE, VTRANSFORM_FILE, ExportOptions, export_ca
 from lean.quantize import PTQOptions, run_ptq
 from lean.typecheck import FLOATS, value_types
 
-from helpers import SMALL, assert_named_by_module, float_ckpt, onnx_io
+from helpers import SMALL, assert_named_by_module, float_ckpt, onnx_io, polygraphy_onnxrt
 
 
 def export(ckpt, out, data, **kw):
@@ -33,15 +34,13 @@ def int8_classic(small_classic_export):
 
 
 @pytest.fixture(scope="module")
-def fp16(tmp_path_factory, small_ptq_ckpt, example_dir):
-    out = tmp_path_factory.mktemp("fp16")
-    return export(small_ptq_ckpt, out, example_dir, fp16=True), out
+def fp16(small_fp16_export):
+    return small_fp16_export
 
 
 @pytest.fixture(scope="module")
-def fp16_classic(tmp_path_factory, small_ptq_ckpt, example_dir):
-    out = tmp_path_factory.mktemp("fp16-trt8")
-    return export(small_ptq_ckpt, out, example_dir, fp16=True, tensorrt="8"), out
+def fp16_classic(small_fp16_classic_export):
+    return small_fp16_classic_export
 
 
 INT8 = ["int8", "int8_classic"]
@@ -91,6 +90,12 @@ def test_fp32_io_around_an_fp16_graph(tmp_path, small_ptq_ckpt, example_dir):
     assert {v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)} == {TensorProto.FLOAT}
     assert [n.op_type for n in model.graph.node].count("Cast") == 4  # one per input and output
     assert report.facts["target"]["io"] == "fp32"
+    # The engine binds FP32 here: the engine check files hold FP32, and Polygraphy passes them.
+    g = report.graphs[0]
+    assert g.engine_check["binding"] == "float32"
+    assert {a.dtype for a in load_json(str(tmp_path / g.engine_check["files"][0]))[0].values()} == {np.dtype("float32")}
+    r = polygraphy_onnxrt(g, tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:]
 
 
 @pytest.mark.parametrize("which", INT8)
@@ -204,6 +209,9 @@ def test_swint_exports_validate(tmp_path, swint_ckpts, example_dir, fp16, tensor
     report = export_camera(ExportOptions(ckpt=swint_ckpts[1], out_dir=tmp_path, data=example_dir, cameras=2, fp16=fp16,
                                          tensorrt=tensorrt))
     assert all(o["ok"] for g in report.graphs for o in g.outputs.values()) and report.facts["bev_check"]["ok"]
+    for g in report.graphs:  # the engine check command, with ONNX Runtime in place of TensorRT
+        r = polygraphy_onnxrt(g, tmp_path)
+        assert r.returncode == 0, r.stdout[-2000:]
     graph = onnx.load(str(tmp_path / BACKBONE_FILE)).graph
     ops = [n.op_type for n in graph.node]
     assert ("QuantizeLinear" in ops) is (not fp16)

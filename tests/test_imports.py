@@ -99,3 +99,10 @@ def test_the_lint_needs_no_torch():
     code = "import sys, lean.lint.__main__; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_the_engine_check_needs_no_torch():
+    """``python -m lean.check_engine`` runs on a Jetson image with numpy and Polygraphy alone."""
+    code = "import sys, lean.check_engine, lean.engine_check; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
