@@ -227,11 +227,12 @@ class BenchOptions:
 def render(results: Path) -> None:
     """Re-render one results file's table into BENCHMARKS.md (and its derived figures into the file)."""
     res = json.loads(Path(results).read_text())
-    res["export_vs_floor"] = export_vs_floor(res)
+    if "export_int8" in res:
+        res["export_vs_floor"] = export_vs_floor(res)
     write_text(Path(results), json.dumps(res, indent=2) + "\n")
-    doc = (ROOT / "BENCHMARKS.md").read_text()
-    start = doc.index(f"<!-- {res['machine']} -->")
-    device_text = doc[start:].split("\n")[3]
+    doc = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else ""
+    start = doc.find(f"<!-- {res['machine']} -->")
+    device_text = doc[start:].split("\n")[3] if start >= 0 else f"Device: {res['machine']}."
     update_markdown(res["machine"], device_text, table(res))
 
 
