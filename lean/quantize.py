@@ -23,7 +23,7 @@ from lean.loader import FrameSet, Stream, folder_set, nuscenes_set
 from lean.log import logger
 from lean.nuscenes import DEFAULT_SAMPLES, DEFAULT_SPLIT, SWEEPS, check_dataroot, plan_samples
 from lean.quant.modelopt import calibrate, insert_quantizers, quant_config
-from lean.ranges import record
+from lean.ranges import RECORD_SAMPLES, record
 
 
 FEW_SAMPLES = 8  # fewer distinct calibration samples than this is warned
@@ -98,8 +98,9 @@ def run_ptq(opts: PTQOptions) -> dict:
         # The FP16 range record (lean.ranges) of the model the export will build from this file.
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         export_model = build_quantized(cfg, state).to(device)
-        with _progress(batches, "measuring FP32 ranges", opts.progress) as bar:
-            ranges = record(export_model, _rig_samples(Stream(frames, batches, device, opts.workers)),
+        measured = spread(frames, RECORD_SAMPLES)
+        with _progress(len(measured), "measuring FP32 ranges", opts.progress) as bar:
+            ranges = record(export_model, _rig_samples(Stream(measured, len(measured), device, opts.workers)),
                             progress=lambda: bar.update(1))
         del export_model
     meta = {
@@ -118,6 +119,14 @@ def run_ptq(opts: PTQOptions) -> dict:
     logger.info("wrote %s (%d samples in %.1f s, %.1f samples/s; %.1f s of it waiting for data)",
                 opts.out, seen, seconds, seen / seconds, stream.waited)
     return meta
+
+
+def spread(frames: FrameSet, count: int) -> FrameSet:
+    """At most ``count`` of ``frames``, evenly spread over them (all of them when fewer)."""
+    n = len(frames.items)
+    if n <= count:
+        return frames
+    return FrameSet([frames.items[i * n // count] for i in range(count)], frames.read)
 
 
 def _rig_samples(stream: Stream):

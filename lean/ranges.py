@@ -34,6 +34,11 @@ FP16_MAX = 65504.0
 # below FP16's largest value for inputs the data did not show (README, "Names and FP32 islands").
 BOUND = 8192.0
 RECORD_FLOOR = BOUND / 32  # lean.ptq records the tensors above this (the rest cannot matter)
+# lean.ptq measures on at most this many of its calibration samples, spread over them: a sample
+# costs a whole FP32 ONNX Runtime run on the CPU (about 1.3 s full size on the H200 machine's CPU),
+# and the bound leaves 8x headroom where a tensor's max over 8 samples was at most 1.29x its max on
+# one (BENCHMARKS.md).
+RECORD_SAMPLES = 32
 
 
 def tensor_key(node_name: str, index: int) -> str:

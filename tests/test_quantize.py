@@ -78,3 +78,15 @@ def test_camera_only_branch_needs_no_lidar_points(tmp_path, example_dir):
     with pytest.raises(LeanError) as e:
         run_ptq(PTQOptions(ckpt=tmp_path / "det.pth", out=tmp_path / "x.pth", data=data, progress=False, cameras=2))
     assert "points.tensor" in one_line(e)
+
+
+def test_the_range_record_takes_at_most_record_samples_spread_over_the_data():
+    from lean.loader import FrameSet
+    from lean.quantize import spread
+    from lean.ranges import RECORD_SAMPLES
+
+    frames = FrameSet(list(range(300)), str)
+    picked = spread(frames, RECORD_SAMPLES).items
+    assert len(picked) == len(set(picked)) == RECORD_SAMPLES == 32
+    assert picked[0] == 0 and picked[-1] > 280  # from the first sample to near the last
+    assert spread(FrameSet([1, 2], str), RECORD_SAMPLES).items == [1, 2]
