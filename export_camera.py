@@ -65,5 +65,10 @@ def main(args) -> None:
     print(f"report: {cli.one_line(report.out_dir / REPORT_FILE)}")
 
 
+def entry() -> None:
+    """The installed command (pyproject.toml)."""
+    cli.console(main, parser())
+
+
 if __name__ == "__main__":
     sys.exit(cli.run(main, parser()))

@@ -141,6 +141,13 @@ def run(main, parser: argparse.ArgumentParser, argv=None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def console(main, parser: argparse.ArgumentParser) -> None:
+    """A console script's entry point (``pip install .``): ``run``, with usage lines and hints
+    naming the command as installed."""
+    parser.prog = Path(sys.argv[0]).name
+    sys.exit(run(main, parser))
+
+
 def _run(main, args) -> int:
     try:
         with warnings.catch_warnings():

@@ -28,5 +28,10 @@ def main(args) -> None:
     logger.info("wrote %s", args.out)
 
 
+def entry() -> None:
+    """The installed command (pyproject.toml)."""
+    cli.console(main, parser())
+
+
 if __name__ == "__main__":
     sys.exit(cli.run(main, parser()))

@@ -50,5 +50,10 @@ def main(args) -> None:
                        quantize_downsample=args.quantize_downsample))
 
 
+def entry() -> None:
+    """The installed command (pyproject.toml)."""
+    cli.console(main, parser())
+
+
 if __name__ == "__main__":
     sys.exit(cli.run(main, parser()))

@@ -49,5 +49,10 @@ def main(args) -> int:
     return 1 if any(r.errors for r in results) else 0
 
 
+def entry() -> None:
+    """The installed command (pyproject.toml)."""
+    cli.console(main, parser())
+
+
 if __name__ == "__main__":
     sys.exit(cli.run(main, parser()))
