@@ -10,8 +10,10 @@ normalizes them there. The stream counts the seconds the calibration waited for 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +38,21 @@ def default_workers() -> int:
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
     return max(0, min(MAX_WORKERS, cpus - 1))
+
+
+@contextlib.contextmanager
+def worker_deaths():
+    """A loader process that died (the kernel's OOM killer sends SIGKILL) as a one-line error. PyTorch
+    raises it as a RuntimeError from its SIGCHLD handler, wherever the main process then is."""
+    try:
+        yield
+    except RuntimeError as e:
+        match = re.search(r"DataLoader worker \(pid\(?s?\)? ([\d, ]+)\) (is killed by signal: (\w+)|exited unexpectedly)", str(e))
+        if not match:
+            raise
+        how = f"killed by signal {match[3]}" if match[3] else "exited unexpectedly"
+        raise LeanError(f"a data loader process (pid {match[1].strip()}) was {how}, often the kernel's OOM killer: "
+                        "free memory or pass fewer --workers; nothing was written") from None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -94,6 +94,32 @@ def pose_matrix(translation, rotation) -> np.ndarray:
     m[:3, :3] = quaternion_matrix(rotation)
     m[:3, 3] = translation
     return m
+
+
+def checked_pose(table: str, token: str, translation, rotation) -> np.ndarray:
+    """``pose_matrix`` of a table record, or a one-line error naming it: a NaN, a zero-norm
+    quaternion or a malformed field would otherwise move every point of the sample to NaN."""
+    try:
+        t, q = np.asarray(translation, np.float64), np.asarray(rotation, np.float64)
+    except (TypeError, ValueError):
+        t = q = np.array([np.nan])
+    if t.shape != (3,) or not np.isfinite(t).all():
+        raise LeanError(f"{table} {token}: translation {translation!r} is not 3 finite numbers; the metadata is damaged")
+    if q.shape != (4,) or not np.isfinite(q).all() or np.linalg.norm(q) < 1e-6:
+        raise LeanError(f"{table} {token}: rotation {rotation!r} is not a quaternion (w, x, y, z) of non-zero "
+                        "norm; the metadata is damaged")
+    return pose_matrix(t, q)
+
+
+def dataroot_path(filename, token: str) -> str:
+    """A ``filename`` of sample_data, checked to stay under the dataroot: relative, without ``..``.
+    Checked by its words, not by resolving it: ``samples/`` or ``sweeps/`` symlinked to another disk
+    (as people keep them) stay usable."""
+    path = PurePosixPath(filename) if isinstance(filename, str) and filename else None
+    if path is None or path.is_absolute() or ".." in path.parts or "\\" in filename:
+        raise LeanError(f"sample_data {token}: filename {filename!r} leaves the dataroot (an absolute path or '..'); "
+                        "nuScenes names files relative to it, e.g. samples/CAM_FRONT/....jpg")
+    return filename
 
 
 @dataclass(frozen=True)
@@ -207,14 +233,17 @@ class Tables:
         _, pose, cs, *_ = self._record("sample_data", token, "a sample")
         _, t, r, _ = self._record("calibrated_sensor", cs, f"sample_data {token!r}")
         et, er = self._record("ego_pose", pose, f"sample_data {token!r}")
-        return pose_matrix(et, er) @ pose_matrix(t, r)
+        return checked_pose("ego_pose", pose, et, er) @ checked_pose("calibrated_sensor", cs, t, r)
 
     def plan(self, token: str, sweeps: int = SWEEPS) -> SamplePlan:
         """Paths and matrices of one key sample."""
         scene, _ = self._record("sample", token, "the sample")
         keys = self.key_frames.get(token, {})
         missing = [c for c in (*CAMERA_CHANNELS, LIDAR_CHANNEL) if c not in keys]
-        if missing:
+        if missing:  # a key frame whose sensor is unknown has no channel: name the broken reference
+            for sd, (sample, _, cs, *_) in self.sample_data.items():
+                if sample == token and cs not in self.calibrated_sensor:
+                    self._record("calibrated_sensor", cs, f"sample_data {sd!r}")
             raise LeanError(f"sample {token}: no key frame of {', '.join(missing)} in sample_data; "
                             "the metadata is incomplete")
         key = keys[LIDAR_CHANNEL]
@@ -226,14 +255,16 @@ class Tables:
             intrinsic = np.asarray(self._record("calibrated_sensor", cs, f"sample_data {sd!r}")[3], np.float64)
             if intrinsic.shape != (3, 3) or not np.isfinite(intrinsic).all():
                 raise LeanError(f"calibrated_sensor {cs}: camera_intrinsic {intrinsic.tolist()} is not a 3x3 matrix")
-            cameras.append(CameraFile(self.sample_data[sd][4], global_to_key @ self._sensor_to_global(sd), intrinsic))
+            cameras.append(CameraFile(dataroot_path(self.sample_data[sd][4], sd),
+                                      global_to_key @ self._sensor_to_global(sd), intrinsic))
         key_time = self.sample_data[key][3]
-        lidar = [LidarFile(self.sample_data[key][4], np.eye(4), 0.0)]
+        lidar = [LidarFile(dataroot_path(self.sample_data[key][4], key), np.eye(4), 0.0)]
         sd = key
         while len(lidar) <= sweeps and self.sample_data[sd][5]:  # mmdetection3d follows "prev" (key frames too)
             sd = self.sample_data[sd][5]
             _, _, _, timestamp, filename, *_ = self._record("sample_data", sd, "a sweep")
-            lidar.append(LidarFile(filename, global_to_key @ self._sensor_to_global(sd), (key_time - timestamp) / 1e6))
+            lidar.append(LidarFile(dataroot_path(filename, sd), global_to_key @ self._sensor_to_global(sd),
+                                   (key_time - timestamp) / 1e6))
         return SamplePlan(token, self.scene[scene][0], tuple(cameras), tuple(lidar))
 
 
@@ -266,6 +297,8 @@ def plan_samples(dataroot, version: str = "v1.0-trainval", split: str | None = N
 def read_lidar(path: Path) -> np.ndarray:
     """A ``.pcd.bin`` file: [P, 5] float32 x, y, z, intensity, ring."""
     data = read_regular(path, MAX_LIDAR_BYTES, "nuScenes lidar file")
+    if not data:
+        raise LeanError(f"{path}: empty (0 bytes); the file is truncated: copy it again from the dataset")
     if len(data) % (4 * POINT_DIMS):
         raise LeanError(f"{path}: {len(data)} bytes is not a whole number of {POINT_DIMS}-float points; "
                         "the file is truncated or not a nuScenes .pcd.bin")

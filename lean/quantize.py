@@ -19,7 +19,7 @@ from lean.config import DEFAULT_DATA, DEMO_FLOAT_CKPT, DEMO_PTQ_CKPT
 from lean.data import backbone_inputs, sample_folders
 from lean.errors import LeanError
 from lean.io import clean_stale, ensure_writable
-from lean.loader import FrameSet, Stream, folder_set, nuscenes_set
+from lean.loader import FrameSet, Stream, folder_set, nuscenes_set, worker_deaths
 from lean.log import logger
 from lean.nuscenes import DEFAULT_SAMPLES, DEFAULT_SPLIT, SWEEPS, check_dataroot, plan_samples
 from lean.quant.modelopt import calibrate, insert_quantizers, quant_config
@@ -70,8 +70,8 @@ def run_ptq(opts: PTQOptions) -> dict:
     if ckpt.kind != "float":
         raise LeanError(f"{opts.ckpt} is already quantized ({ckpt.source}): PTQ starts from a float checkpoint")
     cfg = resolve_config(ckpt, cameras=opts.cameras)
+    frames, source = calibration_set(opts, cfg, folders)  # the tables' errors before the model is built
     model = build_folded(cfg, ckpt.state_dict, f"checkpoint {opts.ckpt}", source=ckpt.source)
-    frames, source = calibration_set(opts, cfg, folders)
     batches = len(frames) if opts.batches is None else opts.batches
     model = insert_quantizers(model, opts.method, opts.quantize_downsample).to(device)
     stream = Stream(frames, batches, device, opts.workers)
@@ -90,7 +90,7 @@ def run_ptq(opts: PTQOptions) -> dict:
                        "pass a folder of example-data folders or --nuscenes DATAROOT (hundreds of samples)",
                        distinct, "this one" if distinct == 1 else "these")
     t = time.perf_counter()
-    with _progress(batches, f"calibrating ({opts.method})", opts.progress) as bar:  # closed before any error prints
+    with worker_deaths(), _progress(batches, f"calibrating ({opts.method})", opts.progress) as bar:  # closed before any error prints
         seen = calibrate(model, samples(), opts.method, progress=lambda n: bar.update(1))
     seconds = time.perf_counter() - t
     ranges = None
@@ -99,7 +99,7 @@ def run_ptq(opts: PTQOptions) -> dict:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         export_model = build_quantized(cfg, state).to(device)
         measured = spread(frames, RECORD_SAMPLES)
-        with _progress(len(measured), "measuring FP32 ranges", opts.progress) as bar:
+        with worker_deaths(), _progress(len(measured), "measuring FP32 ranges", opts.progress) as bar:
             ranges = record(export_model, _rig_samples(Stream(measured, len(measured), device, opts.workers)),
                             progress=lambda: bar.update(1))
         del export_model
