@@ -209,3 +209,112 @@ def test_a_broken_folder_sample_is_one_line(fault, tmp_path, example_dir, small_
     earlier = out.read_bytes()
     r = run_case(data, out, ckpt=small_float_ckpt, data_args=("--data", data))
     assert_refused(r, words, str(path), out, earlier, str(data))
+
+
+# -- interrupts and dying workers -----------------------------------------------------------------
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture
+def calibrating(tree, tmp_path, small_float_ckpt):
+    """``python -m lean.ptq`` with 4 loader workers, calibrating (a long run: the two samples cycled);
+    yields (process, its workers' pids, --out, the stderr lines read so far)."""
+    import subprocess
+    import sys
+    import threading
+
+    from helpers import ROOT
+
+    out = tmp_path / "out" / "ptq.pth"
+    out.parent.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "lean.ptq", "--ckpt", str(small_float_ckpt), "--out", str(out),
+                             "--nuscenes", str(tree), "--version", "v1.0-mini", "--cameras", "2", "--method", "max",
+                             "--workers", "4", "--batches", "100000"],
+                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    lines, started = [], threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "calibrating on" in line:
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert started.wait(180), "".join(lines)[-3000:]
+        deadline = time.monotonic() + 30
+        while len(children(proc.pid)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # the workers are reading, the calibration is running
+        workers = children(proc.pid)
+        assert len(workers) >= 4, workers
+        yield proc, workers, out, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        reader.join(5)
+
+
+def finished(proc, within: float) -> float:
+    t = time.monotonic()
+    try:
+        proc.wait(within)
+    except Exception:
+        proc.kill()
+        raise AssertionError(f"lean.ptq still running {within} s later")
+    return time.monotonic() - t
+
+
+def assert_gone(pids, out):
+    deadline = time.monotonic() + 5
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if alive(p)], "loader workers left running"
+    assert not out.exists() and list(out.parent.iterdir()) == []  # no checkpoint, no temp file
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_ends_calibration_at_once(calibrating, signum):
+    import signal
+
+    proc, workers, out, lines = calibrating
+    proc.send_signal(getattr(signal, signum))
+    seconds = finished(proc, 30)
+    time.sleep(0.2)
+    text = "".join(lines)
+    assert proc.returncode == 130 and seconds < 10, (proc.returncode, seconds, text[-2000:])
+    assert "error: interrupted" in text and "Traceback" not in text
+    assert_gone(workers, out)
+
+
+def test_a_worker_killed_by_the_oom_killer_is_one_line(calibrating):
+    import signal
+
+    proc, workers, out, lines = calibrating
+    os.kill(workers[0], signal.SIGKILL)
+    finished(proc, 60)
+    time.sleep(0.2)
+    errors = [line for line in lines if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, "".join(lines)[-3000:]
+    assert f"data loader process (pid {workers[0]}) was killed by signal" in errors[0]
+    assert "Traceback" not in "".join(lines)
+    assert_gone(workers, out)
