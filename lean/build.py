@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 import lean
-from lean.checkpoint import Checkpoint, infer_config, load_weights
+from lean.checkpoint import Checkpoint
+from lean.layouts import infer_config, load_weights
 from lean.config import CameraConfig
 from lean.errors import LeanError
 from lean.geometry import create_frustum, voxel_grid

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import math
 import pickle
-import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +27,10 @@ import torch
 from lean.config import CameraConfig
 from lean.errors import LeanError, first_line
 from lean.io import atomic_path, sha256
+from lean.layouts import CONTAINERS, PREFIX, camera_tensors
+from lean.legacy import legacy_state_dict
 from lean.pickled import PickledModel, read_pickled_model
 
-PREFIX = "encoders.camera."
 FORMAT = "lean.camera"
 FORMAT_VERSION = 1
 DEMO_NOTE = "UNTRAINED DEMO WEIGHTS: deterministic random init with BN statistics from the example data"
@@ -214,34 +214,6 @@ def plain_meta(meta, name: str, budget: int = 10_000) -> dict:
     return plain(meta, 0) if isinstance(meta, dict) else {}
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How one trainer names the camera branch in its state dict."""
-
-    name: str  # the checkpoint's ``source_format``
-    title: str
-    prefixes: tuple[tuple[str, str], ...]  # (theirs, ours) for backbone, neck, view transform
-
-    def describe(self) -> str:
-        return f"{self.title} ({', '.join(theirs + '*' for theirs, _ in self.prefixes)})"
-
-
-def _layout(name, title, backbone, neck, vtransform) -> Layout:
-    return Layout(name, title, ((backbone, "backbone."), (neck, "neck."), (vtransform, "vtransform.")))
-
-
-# In the order they are tried: OpenPCDet's ``neck.`` and ``vtransform.`` are also the bare names.
-LAYOUTS = (
-    _layout("mit", "MIT bevfusion", PREFIX + "backbone.", PREFIX + "neck.", PREFIX + "vtransform."),
-    _layout("mmdet3d", "mmdetection3d 1.x / AWML", "img_backbone.", "img_neck.", "view_transform."),
-    _layout("mmdet3d", "mmdetection3d 1.x (older projects/BEVFusion)", "img_backbone.", "img_neck.", "vtransform."),
-    _layout("openpcdet", "OpenPCDet", "image_backbone.", "neck.", "vtransform."),
-    _layout("state-dict", "bare camera state dict", "backbone.", "neck.", "vtransform."),
-)
-# Where trainers keep the weights inside the file: MIT/mmengine ``state_dict``, OpenPCDet ``model_state``.
-CONTAINERS = ("state_dict", "model_state", "model")
-
-
 def checkpoint_from_object(obj, name: str) -> Checkpoint:
     """Classify what ``torch.load`` returned and pull out the camera branch."""
     if not isinstance(obj, dict):
@@ -255,166 +227,6 @@ def checkpoint_from_object(obj, name: str) -> Checkpoint:
         return map_legacy_state_dict(sd, source=f"cuda-bevfusion-{source}")
     meta = plain_meta(obj.get("meta"), name) if source == "mit" else {}
     return Checkpoint(sd, "float", source, meta=meta)
-
-
-def camera_tensors(sd: dict, name: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The camera branch of a trainer's state dict under our names, and the layout it was found in.
-
-    The layout is detected from the key prefixes (``LAYOUTS``); AWML is told from mmdetection3d
-    by its view transform's ``.net`` Sequentials. Everything else (lidar, fuser, heads) is dropped.
-    """
-    tensors = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    for wrapper in ("module.", "model."):  # saved from a DataParallel wrapper, or a Lightning module's self.model
-        if tensors and all(k.startswith(wrapper) for k in tensors):
-            tensors = {k[len(wrapper):]: v for k, v in tensors.items()}
-            sd = tensors
-    for layout in LAYOUTS:
-        out = {}
-        for theirs, ours in layout.prefixes:
-            out.update({ours + k[len(theirs):]: v for k, v in tensors.items() if k.startswith(theirs)})
-        if any(k.startswith("backbone.") for k in out) and any(k.startswith("vtransform.") for k in out):
-            source = layout.name
-            if source == "mmdet3d" and any(k.startswith("vtransform.downsample.net.") for k in out):
-                source = "awml"
-            return out, source
-    raise LeanError(f"{name} holds no camera branch in a known layout: key prefixes of its weights: "
-                    f"{_prefixes(list(sd))}; layouts known: {'; '.join(l.describe() for l in LAYOUTS)}")
-
-
-def _prefixes(keys: list) -> str:
-    seen = []
-    for k in keys:
-        parts = str(k).split(".")
-        p = ".".join(parts[:2]) + "." if parts[0] == "encoders" and len(parts) > 2 else (
-            parts[0] + "." if len(parts) > 1 else parts[0])
-        if p not in seen:
-            seen.append(p)
-    shown = ", ".join(seen[:8]) or "none"
-    return shown + (f" (+{len(seen) - 8} more)" if len(seen) > 8 else "")
-
-
-def infer_config(sd: dict[str, torch.Tensor], cameras: int = 6) -> CameraConfig:
-    """Recover the branch's config from the tensors trainers' checkpoints carry.
-
-    The backbone and view-transform variant follow from which keys exist; widths from the conv
-    shapes. The frustum stores (u, v, depth) of every feature pixel: its last u and v are W-1
-    and H-1 of the training image, and its depth axis is the dbound. dx/bx/nx give the BEV bounds.
-    """
-    cfg = {"backbone": _backbone(sd), "cameras": cameras, "vtransform": _vtransform(sd)}
-    _check_geometry(sd)
-    fr = sd.get("vtransform.frustum")
-    if fr is not None and fr.shape[0] > 1:
-        cfg["image_size"] = (round(fr[0, -1, 0, 1].item()) + 1, round(fr[0, 0, -1, 0].item()) + 1)
-        lo, step = fr[0, 0, 0, 2].item(), fr[1, 0, 0, 2].item() - fr[0, 0, 0, 2].item()
-        cfg["dbound"] = (_r(lo), _r(lo + fr.shape[0] * step), _r(step))
-        if fr.shape[1] > 0:
-            cfg["feature_stride"] = max(1, round(cfg["image_size"][0] / fr.shape[1]))
-    if all(f"vtransform.{k}" in sd for k in ("dx", "bx", "nx")):
-        dx, bx, nx = (sd[f"vtransform.{k}"].tolist() for k in ("dx", "bx", "nx"))
-        bounds = [(_r(b - d / 2), _r(b - d / 2 + n * d), _r(d)) for d, b, n in zip(dx, bx, nx)]
-        cfg.update(xbound=bounds[0], ybound=bounds[1], zbound=bounds[2])
-    if "neck.fpn_convs.0.conv.weight" in sd:
-        cfg["neck_channels"] = sd["neck.fpn_convs.0.conv.weight"].shape[0]
-    first, last = _DEPTHNET[cfg["vtransform"]]
-    if first and first + "weight" in sd:
-        width = sd[first + "weight"].shape[0]
-        if width != CameraConfig(**cfg).depthnet_width:
-            cfg["depthnet_channels"] = width
-    if cfg["vtransform"] == "awml":
-        cfg["depthnet_bias"] = first + "bias" in sd
-        cfg["dtransform_bias"] = "vtransform.dtransform.net.0.bias" in sd
-    head = sd.get(last + "weight")
-    if head is not None and fr is not None:
-        cfg["bev_channels"] = head.shape[0] - fr.shape[0]
-    return CameraConfig(**cfg)
-
-
-def _check_geometry(sd) -> None:
-    for key, shape in (("dx", "[3]"), ("bx", "[3]"), ("nx", "[3]"), ("frustum", "[D, fH, fW, 3]")):
-        t = sd.get(f"vtransform.{key}")
-        ok = t is None or (t.shape == (3,) if key != "frustum" else t.dim() == 4 and t.shape[-1] == 3 and t.numel() > 0)
-        if not ok:
-            raise LeanError(f"checkpoint's vtransform.{key} has shape {list(t.shape)}, expected {shape}: the file is "
-                            "damaged or not a BEVFusion camera branch")
-
-
-# The depthnet's first (hidden) and last conv of each view-transform variant.
-_DEPTHNET = {"depth_lss": ("vtransform.depthnet.0.", "vtransform.depthnet.6."),
-             "awml": ("vtransform.depthnet.net.0.", "vtransform.depthnet.net.6."),
-             "lss": (None, "vtransform.depthnet."), "awml_lss": (None, "vtransform.depthnet.")}
-
-
-def _backbone(sd) -> str:
-    if "backbone.patch_embed.projection.weight" in sd:
-        return "swint"
-    if "backbone.layer1.0.conv1.weight" in sd and "backbone.layer1.0.conv3.weight" not in sd:
-        raise LeanError("the checkpoint's backbone is a ResNet of basic blocks (ResNet18/34): this tool builds "
-                        "ResNet50 and SwinT camera backbones")
-    return "resnet50"
-
-
-def _vtransform(sd) -> str:
-    if not any(k.startswith("vtransform.downsample.") for k in sd):
-        # MIT and AWML build an Identity for downsample 1; CUDA-BEVFusion's runtime expects the 2x.
-        raise LeanError("the checkpoint's view transform has no downsample (trained with downsample=1): "
-                        "CUDA-BEVFusion's camera.vtransform.onnx is the 2x BEV downsample, so this branch cannot fill it")
-    awml = any(k.startswith("vtransform.downsample.net.") for k in sd)
-    if "vtransform.depthnet.weight" in sd:
-        return "awml_lss" if awml else "lss"  # one 1x1 conv, no dtransform: the camera-only LSSTransform
-    return "awml" if awml else "depth_lss"
-
-
-def _r(x: float) -> float:
-    return round(x, 4)  # the file stores float32; configs are given to 4 decimals
-
-
-def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str = "checkpoint",
-                 source: str | None = None) -> None:
-    """Strict load with a one-line error naming the first offenders (as a file of ``source``'s layout
-    spells them) and the likely cause."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shape = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shape:
-        raise LeanError(f"{what} does not fit the model: "
-                        f"{describe_mismatch(missing, unexpected, shape, sd, own, source)}")
-    model.load_state_dict(sd, strict=True)
-
-
-def spelled(key: str, source: str | None) -> str:
-    """Our key as a checkpoint of ``source`` (a ``Checkpoint.source``) spells it."""
-    name = (source or "").removeprefix("cuda-bevfusion-")
-    if name.startswith("lean-"):
-        return PREFIX + key
-    layout = next((l for l in LAYOUTS if l.name == name), None)
-    for theirs, ours in layout.prefixes if layout else ():
-        if key.startswith(ours):
-            return theirs + key[len(ours):]
-    return key
-
-
-def describe_mismatch(missing, unexpected, shape, sd, own, source: str | None = None) -> str:
-    parts = []
-    if shape:
-        k = shape[0]
-        parts.append(f"{len(shape)} mis-shaped (first: {spelled(k, source)} is {tuple(sd[k].shape)}, model wants "
-                     f"{tuple(own[k].shape)})")
-    if missing:
-        parts.append(f"{len(missing)} missing (first: {', '.join(spelled(k, source) for k in missing[:3])})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected (first: {', '.join(spelled(k, source) for k in unexpected[:3])})")
-    text = "; ".join(parts)
-    if "vtransform.frustum" in missing:
-        text += (f" -- {spelled('vtransform.frustum', source)} is derived from the image size and depth bins: pass "
-                 "--rebuild-frustum to derive it")
-    elif "vtransform.frustum" in shape:
-        text += " -- the frustum follows the image size: pass the --image-size it was trained at, or --rebuild-frustum"
-    elif any(k.startswith("backbone.") for k in missing[:3] + unexpected[:3]):
-        text += " -- is it the other backbone? try --backbone resnet50 or --backbone swint"
-    elif any("bn" in k or k.endswith("running_mean") for k in missing[:3]) and any(k.endswith("bias") for k in unexpected[:3]):
-        text += " -- BN looks folded: this is a PTQ checkpoint"
-    return text
 
 
 def save_checkpoint(path, state_dict: dict, kind: str, config: CameraConfig, meta: dict | None = None) -> None:
@@ -447,68 +259,8 @@ def save_official(path, state_dict: dict, meta: dict | None = None) -> None:
     _save(obj, path)
 
 
-
-# -- pytorch-quantization names -> ours ---------------------------------------------------------
-_CONCAT = re.compile(r"(.*\.)?quant_concat(\d{1,4})\._input_quantizer")
-_NECK_CONCAT_AMAX = re.compile(r"neck\.quant_concat(\d{1,4})\._input_quantizer\._amax")
-
-
 def map_legacy_state_dict(sd: dict[str, torch.Tensor], source: str = "cuda-bevfusion-state-dict",
                           disabled=(), meta: dict | None = None) -> Checkpoint:
-    """Camera tensors with pytorch-quantization names (prefix already stripped) -> our PTQ layout.
-
-    ``X._input_quantizer._amax`` -> ``X.input_quantizer._amax``, ``X._weight_quantizer._amax`` ->
-    ``X.weight_quantizer._amax``, ``neck.quant_concatJ._input_quantizer._amax`` -> ``neck.quant_concatI._amax``
-    (see ``concat_levels``), residual quantizers and weights unchanged. Amax of quantizers the source
-    disabled is dropped and their names go to ``disabled_quantizers``; other quantizer internals
-    (clip values, ...) are dropped, everything else is kept for the strict weight load to judge.
-    """
-    levels = concat_levels(sd)
-    off = {quantizer_name(q, levels) for q in disabled}
-    out = {}
-    for key, value in sd.items():
-        if key.endswith("._amax"):
-            ours = quantizer_name(key[: -len("._amax")], levels)
-            if ours not in off:
-                out[ours + "._amax"] = value
-        elif not any(p.endswith("_quantizer") or re.fullmatch(r"quant_concat\d+", p) for p in key.split(".")[:-1]):
-            out[key] = value
-    kind = "ptq" if any(k.endswith("._amax") for k in out) or off else "float"
-    return Checkpoint(out, kind, source, meta=meta or {}, disabled_quantizers=tuple(sorted(off)))
-
-
-def quantizer_name(name: str, levels: dict[int, int] | None = None) -> str:
-    """Our name of a pytorch-quantization quantizer path."""
-    m = _CONCAT.fullmatch(name)
-    if m:
-        j = int(m.group(2))
-        return f"{m.group(1) or ''}quant_concat{(levels or {}).get(j, j)}"
-    for theirs, ours in (("._input_quantizer", ".input_quantizer"), ("._weight_quantizer", ".weight_quantizer")):
-        if name.endswith(theirs):
-            return name[: -len(theirs)] + ours
-    return name
-
-
-def concat_levels(sd: dict[str, torch.Tensor]) -> dict[int, int]:
-    """Their concat index -> the neck level it serves (our index).
-
-    CUDA-BEVFusion's patched neck forward walks the levels top-down and numbers the concats in
-    that order: ``quant_concat0`` serves the top level, ours serve level i. The concat of a level
-    shares its quantizer with that level's lateral conv input, so equal amax identifies the
-    level; without that evidence the top-down numbering is assumed.
-    """
-    amax = {int(m.group(1)): value for key, value in sd.items() if (m := _NECK_CONCAT_AMAX.fullmatch(key))}
-    n = len(amax)
-    top_down = {j: n - 1 - j for j in amax}
-    found = {}
-    for j, value in amax.items():
-        hits = [i for i in range(n)
-                if _same(sd.get(f"neck.lateral_convs.{i}.conv._input_quantizer._amax"), value)]
-        found[j] = hits[0] if len(hits) == 1 else None
-    if n and None not in found.values() and sorted(found.values()) == sorted(top_down.values()):
-        return found
-    return top_down
-
-
-def _same(a, b) -> bool:
-    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    """A checkpoint of camera tensors with pytorch-quantization names (``lean.legacy``)."""
+    state, kind, off = legacy_state_dict(sd, disabled)
+    return Checkpoint(state, kind, source, meta=meta or {}, disabled_quantizers=off)

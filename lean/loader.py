@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lean.config import CameraConfig
-from lean.data import Frame, folder_frame, nuscenes_frame
+from lean.frames import Frame, folder_frame, nuscenes_frame
 from lean.errors import LeanError
 from lean.nuscenes import SamplePlan
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from lean.checkpoint import infer_config, load_weights, read_checkpoint, save_checkpoint, save_official
+from lean.checkpoint import read_checkpoint, save_checkpoint, save_official
+from lean.layouts import infer_config, load_weights
 from lean.config import CameraConfig
 from lean.errors import LeanError
 from lean.models import build_camera

@@ -257,7 +257,8 @@ def test_write_example_checks_matrix_count(tmp_path):
 
 def test_frame_equals_the_runtime_preprocessing(example_dir):
     from helpers import SMALL
-    from lean.data import folder_frame, load_inputs
+    from lean.data import load_inputs
+    from lean.frames import folder_frame
 
     frame = folder_frame(example_dir, SMALL)
     assert frame.img.dtype == np.uint8 and frame.depth_index.dtype == np.int64
@@ -270,7 +271,7 @@ def test_nuscenes_sample_as_an_example_folder(tmp_path, example_dir):
     """``python -m lean.data nuscenes`` writes a folder the runtime layout reader takes, whose
     images are the original JPEGs and whose frame equals the loader's frame of that sample."""
     from helpers import SMALL, python
-    from lean.data import folder_frame, nuscenes_frame
+    from lean.frames import folder_frame, nuscenes_frame
     from lean.nuscenes import Tables
     from lean.scene import make_nuscenes_tree
 

@@ -9,7 +9,8 @@ import pytest
 from onnx import TensorProto, numpy_helper
 from polygraphy.json import load_json
 
-from lean.checkpoint import infer_config, read_checkpoint
+from lean.checkpoint import read_checkpoint
+from lean.layouts import infer_config
 from lean.config import CameraConfig
 from lean.errors import LeanError
 from lean.export import BACKBONE_FILE, VTRANSFORM_FILE, ExportOptions, export_camera

@@ -31,8 +31,9 @@ from torch import nn
 import lean.quantize
 from helpers import SMALL, assert_named_by_module, one_line, sample_inputs
 from lean.build import build_quantized, fold_bn
-from lean.checkpoint import (concat_levels, infer_config, map_legacy_state_dict, quantizer_name, read_checkpoint,
-                             save_checkpoint)
+from lean.checkpoint import map_legacy_state_dict, read_checkpoint, save_checkpoint
+from lean.layouts import infer_config
+from lean.legacy import concat_levels, quantizer_name
 from lean.data import load_inputs
 from lean.errors import LeanError
 from lean.export import BACKBONE_FILE, VTRANSFORM_FILE, ExportOptions, export_camera
