@@ -1,6 +1,9 @@
-"""Check a built engine's outputs by the export's own criteria: cosine per output, the error in
-steps of the output's range, NaN/Inf. For when Polygraphy's elementwise tolerances say too little
-(an INT8 engine whose rounding flips spread: a high max error, a cosine still right).
+"""Check a built engine's outputs by the export's own criteria, one line a verdict per output:
+NaN/Inf count, cosine, and the max error in INT8 steps of the output's range. The same verdict the
+printed ``polygraphy run`` command gives, in the export's terms, from saved outputs: for a
+Polygraphy without ``--compare cosine_similarity`` (older releases), for outputs saved by a run
+with other settings (Polygraphy's default elementwise tolerances say little about an INT8 engine,
+whose rounding flips spread), or for a log that keeps the figures.
 
     polygraphy run qat/onnx_int8/camera.backbone.plan --model-type engine --trt \\
         --load-inputs qat/onnx_int8/camera.backbone.inputs.json \\

@@ -82,5 +82,6 @@ def compare(got, ref, tolerance: Tolerance) -> dict:
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity as PyTorch computes it (norms clamped at 1e-8)."""
+    """Cosine similarity, the product of the norms clamped at 1e-8 (PyTorch clamps each norm: the same
+    figure for any output that is not all zeros)."""
     return float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-8))

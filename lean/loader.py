@@ -1,7 +1,7 @@
 """Streaming calibration data: a PyTorch DataLoader whose worker processes read, decode, crop
 and draw the depth image of each sample while the calibration runs on the previous ones.
 
-Every source is a list of items and a function that turns one into a ``lean.data.Frame``:
+Every source is a list of items and a function that turns one into a ``lean.frames.Frame``:
 example-data folders (``folder_frame``) or planned nuScenes samples (``nuscenes_frame``). At most
 ``workers x prefetch`` frames wait in memory, whatever the sample count. Frames travel as uint8
 images in pinned memory and are copied to the device without blocking; ``Frame.inputs``
@@ -47,11 +47,18 @@ def worker_deaths():
     try:
         yield
     except RuntimeError as e:
-        match = re.search(r"DataLoader worker \(pid\(?s?\)? ([\d, ]+)\) (is killed by signal: (\w+)|exited unexpectedly)", str(e))
+        match = re.search(r"DataLoader worker \(pid\(?s?\)? ([\d, ]+)\) (?:is killed by signal: ([^.]+)|exited "
+                          r"unexpectedly(?: with exit code (-?\d+))?)", str(e))
         if not match:
             raise
-        how = f"killed by signal {match[3]}" if match[3] else "exited unexpectedly"
-        raise LeanError(f"a data loader process (pid {match[1].strip()}) was {how}, often the kernel's OOM killer: "
+        pid, signal_name, code = match[1].strip(), match[2], match[3]
+        if signal_name and signal_name.startswith("Bus"):  # PyTorch's own diagnosis of SIGBUS in a worker
+            raise LeanError(f"a data loader process (pid {pid}) was killed by signal {signal_name}: shared memory "
+                            "(/dev/shm) ran out; enlarge it (docker: --shm-size) or pass fewer --workers; "
+                            "nothing was written") from None
+        how = f"killed by signal {signal_name}" if signal_name else "exited unexpectedly" + (
+            f" with exit code {code}" if code else "")
+        raise LeanError(f"a data loader process (pid {pid}) was {how}, often the kernel's OOM killer: "
                         "free memory or pass fewer --workers; nothing was written") from None
 
 

@@ -98,7 +98,8 @@ def run_ptq(opts: PTQOptions) -> dict:
         # The FP16 range record (lean.ranges) of the model the export will build from this file.
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         export_model = build_quantized(cfg, state).to(device)
-        measured = spread(frames, RECORD_SAMPLES)
+        # Of the samples calibrated on (--batches may take fewer than the source holds).
+        measured = spread(FrameSet(frames.items[:min(batches, len(frames))], frames.read), RECORD_SAMPLES)
         with worker_deaths(), _progress(len(measured), "measuring FP32 ranges", opts.progress) as bar:
             ranges = record(export_model, _rig_samples(Stream(measured, len(measured), device, opts.workers)),
                             progress=lambda: bar.update(1))

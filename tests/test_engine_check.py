@@ -52,7 +52,8 @@ def test_the_summary_and_report_give_the_commands(small_int8_export):
         assert "--compare simple cosine_similarity" in cmd and "--check-error-stat max --rtol 0" in cmd
         ref = RunResults.load(str(folder / check_file_names(g.file)[1]))[0][1][0]
         for out, c in g.engine_check["criteria"].items():  # bounds on the reference outputs the file holds
-            assert f"{out}:{c['atol']:.6g}" in cmd and f"{out}:0.97" in cmd
+            assert f"{out}:{c['atol']:.6g}" in cmd or f"{out}:{c['atol'] * (1 + 1e-5):.6g}" in cmd
+            assert f"{out}:0.97" in cmd
             assert c["atol"] == pytest.approx(64 * float(np.abs(ref[out].astype(np.float64)).max()) / 127)
 
 
