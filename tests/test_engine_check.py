@@ -169,3 +169,14 @@ def test_no_engine_check_files_leaves_no_old_ones(small_ptq_ckpt, small_int8_exp
     assert not any((out / f).exists() for f in CHECK_FILES)  # an older export's files would not fit these graphs
     assert (out / BACKBONE_FILE).exists() and (out / VTRANSFORM_FILE).exists()
     assert all(not g.engine_check for g in report.graphs) and "polygraphy" not in summary_table(report)
+
+
+def test_a_value_its_fp16_binding_cannot_hold_is_refused(tmp_path):
+    """A classic graph computes in FP32; bound as FP16, an output past 65504 would come back inf."""
+    from lean.engine_check import write_check_files
+
+    with pytest.raises(LeanError, match="camera_feature holds values beyond float16 .max |x| 1e\\+05"):
+        write_check_files(tmp_path, "camera.backbone.onnx", {"img": np.ones(3)},
+                          {"camera_feature": np.array([1.0, 1e5])}, np.float16)
+    assert write_check_files(tmp_path, "x.onnx", {"img": np.ones(3)}, {"y": np.ones(2)}, np.float16) == \
+        ["x.inputs.json", "x.outputs.json"]

@@ -61,3 +61,19 @@ def test_frames_arrive_pinned_and_on_the_gpu(example_dir):
     for frame in Stream(folder_set([example_dir] * 2, SMALL), 2, "cuda", workers=1):
         got_img, got_depth = frame.inputs()
         assert got_img.is_cuda and torch.equal(got_img.cpu(), img) and torch.equal(got_depth.cpu(), depth)
+
+
+@pytest.mark.parametrize("message,words", [
+    ("DataLoader worker (pid 1234) is killed by signal: Killed. ", "(pid 1234) was killed by signal Killed, often the kernel's OOM"),
+    ("DataLoader worker (pid 7) is killed by signal: Bus error. It is possible that ...", "/dev/shm"),
+    ("DataLoader worker (pid(s) 12, 13) exited unexpectedly", "(pid 12, 13) was exited unexpectedly"),
+    ("DataLoader worker (pid 5) exited unexpectedly with exit code 1. Details are lost", "with exit code 1"),
+])
+def test_a_dead_worker_is_one_line(message, words):
+    from lean.loader import worker_deaths
+
+    with pytest.raises(LeanError) as e, worker_deaths():
+        raise RuntimeError(message)
+    assert words in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(RuntimeError, match="something else"), worker_deaths():
+        raise RuntimeError("something else")
