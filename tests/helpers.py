@@ -211,3 +211,12 @@ def polygraphy_onnxrt(graph, folder, reference=None, timeout=300) -> subprocess.
     if reference is not None:
         args[args.index("--load-outputs") + 1] = str(reference)
     return subprocess.run([str(POLYGRAPHY), *args[1:]], capture_output=True, text=True, timeout=timeout, cwd=folder)
+
+
+def default_sigint():
+    """``preexec_fn`` of a child that a test interrupts with SIGINT: a shell's background job (how
+    CI may start the tests) ignores SIGINT, its children inherit that, and Python then installs no
+    KeyboardInterrupt handler. A user's Ctrl-C reaches a foreground process with the default."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

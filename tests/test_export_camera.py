@@ -5,7 +5,7 @@ import pytest
 from lean.errors import LeanError
 from lean.export import BACKBONE_FILE, VTRANSFORM_FILE, ExportOptions, export_camera
 
-from helpers import ROOT, SMALL, python
+from helpers import ROOT, SMALL, default_sigint, python
 
 
 def cli(*args, cwd=ROOT):
@@ -125,6 +125,7 @@ def _start(*args):
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen([sys.executable, str(ROOT / "export_camera.py"), *map(str, args)], cwd=ROOT, env=env,
+                            preexec_fn=default_sigint,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

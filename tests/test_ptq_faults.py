@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import python
+from helpers import default_sigint, python
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +247,7 @@ def calibrating(tree, tmp_path, small_float_ckpt):
     proc = subprocess.Popen([sys.executable, "-m", "lean.ptq", "--ckpt", str(small_float_ckpt), "--out", str(out),
                              "--nuscenes", str(tree), "--version", "v1.0-mini", "--cameras", "2", "--method", "max",
                              "--workers", "4", "--batches", "100000"],
-                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     lines, started = [], threading.Event()
 
     def read():
