@@ -230,9 +230,12 @@ def _export_into(opts: ExportOptions, stages: Stages, target: Target, opset: int
             clamped = clamp_scales_to_fp16(model)
             fp16_rounded(model)
     check_globs(parse_globs(opts.keep_fp32), {name for name, _ in model.named_modules() if name})
-    # The engine binds FP16 inputs (typed graphs unless --io fp32; classic ones by their build flags):
-    # the reference, the validation and the engine check files all see the values it will get.
-    fp16_inputs = not (target.typed and opts.io == "fp32")
+    # A typed graph with FP16 I/O takes its inputs as FP16: the reference and the validation see the
+    # values it gets. A classic graph is validated in FP32 against FP32 bounds; rounding both sides'
+    # pooled BEV maps to FP16 apart brought the full-size FP16 BEV check to 95% of its bound. Its
+    # engine check files still hold the inputs in FP16 as its engine binds them (far below the
+    # engine's FP16 bounds).
+    fp16_inputs = target.typed and opts.io != "fp32"
 
     def as_bound(t: torch.Tensor) -> torch.Tensor:
         return t.half().float() if fp16_inputs else t
