@@ -11,9 +11,12 @@ normalizes them there. The stream counts the seconds the calibration waited for 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import re
+import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +41,17 @@ def default_workers() -> int:
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
     return max(0, min(MAX_WORKERS, cpus - 1))
+
+
+def die_with_parent(parent: int, worker_id: int) -> None:
+    """A loader worker's first act: the kernel kills it when the calibration process dies, SIGKILL
+    included (no clean-up runs there). PyTorch's workers notice a dead parent only while idle; a
+    killed PTQ left its four workers running for 14 minutes in a test here."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the prctl
+        os._exit(0)
 
 
 @contextlib.contextmanager
@@ -114,7 +128,8 @@ class Stream:
         loader = DataLoader(
             self.frames, batch_size=None, sampler=[i % len(self.frames) for i in range(self.count)],
             num_workers=self.workers, prefetch_factor=self.prefetch if self.workers else None,
-            pin_memory=self.device.type == "cuda", persistent_workers=False)
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            worker_init_fn=functools.partial(die_with_parent, os.getpid()) if self.workers else None)
         batches = iter(loader)
         try:
             for _ in range(self.count):

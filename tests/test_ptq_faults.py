@@ -318,3 +318,11 @@ def test_a_worker_killed_by_the_oom_killer_is_one_line(calibrating):
     assert f"data loader process (pid {workers[0]}) was killed by signal" in errors[0]
     assert "Traceback" not in "".join(lines)
     assert_gone(workers, out)
+
+
+def test_workers_die_with_a_killed_calibration(calibrating):
+    """SIGKILL of the calibration process itself (no clean-up runs there): the kernel ends its workers."""
+    proc, workers, out, lines = calibrating
+    proc.kill()
+    finished(proc, 10)
+    assert_gone(workers, out)
